@@ -1,0 +1,46 @@
+# Two entry points: `make demo` (the main job) and `make test` (every test).
+# Both build everything they need from a fresh clone: a virtualenv with pinned tools
+# (requirements-dev.txt) and the extension module (maturin, release, abi3).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup build demo test test-rust test-python lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip==26.3
+	$(PIP) install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+build: setup
+	$(VENV)/bin/maturin develop --release -q
+
+demo: build
+	$(PY) -m rotatekv demo
+
+lint: setup
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --features python -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+
+test-rust:
+	cargo test --release
+
+test-python: build
+	$(PY) -m pytest -q tests
+
+test: lint test-rust test-python
+
+bench: build
+	cargo bench --bench kernels
+	$(PY) benches/attend_cpu.py
+
+clean:
+	rm -rf target $(VENV) bench-out

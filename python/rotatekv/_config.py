@@ -1,0 +1,56 @@
+"""Quantization settings of a store."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from ._rotatekv import ArgumentError
+
+KeyLayout = Literal["per_token", "per_channel"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How a :class:`rotatekv.KVStore` quantizes tokens.
+
+    Args:
+        bits: default bit width of a token: 2, 3, 4, 8, or 16 (unquantized).
+        group_size: channels per quantization group (a multiple of 8 dividing ``head_dim``);
+            ``None`` uses the whole head.
+        key_clip: clip ratio of key groups (min and max scaled by it); ``None`` uses the
+            plan's per-layer value.
+        value_clip: the same for values.
+        residual: most recent tokens per sequence kept in 16 bits, quantized as they age.
+        key_layout: ``"per_token"`` (groups of channels of one token) or ``"per_channel"``
+            (KIVI: one group per channel over a page of tokens).
+        page_tokens: tokens per page, 32 or 64; ``None``: 64 per token, 32 per channel.
+        fp_format: 16-bit format of unquantized tokens, ``"float16"`` or ``"bfloat16"``.
+    """
+
+    bits: int = 2
+    group_size: int | None = None
+    key_clip: float | None = None
+    value_clip: float | None = None
+    residual: int = 0
+    key_layout: KeyLayout = "per_token"
+    page_tokens: int | None = None
+    fp_format: Literal["float16", "bfloat16"] = "float16"
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8, 16):
+            raise ArgumentError(f"bits: expected one of 2, 3, 4, 8, 16, got {self.bits!r}")
+        if self.key_layout not in ("per_token", "per_channel"):
+            raise ArgumentError(
+                f"key_layout: expected 'per_token' or 'per_channel', got {self.key_layout!r}"
+            )
+        if self.residual < 0:
+            raise ArgumentError(f"residual: expected an int >= 0, got {self.residual!r}")
+        for name in ("key_clip", "value_clip"):
+            c = getattr(self, name)
+            if c is not None and not 0.0 < c <= 1.0:
+                raise ArgumentError(f"{name}: expected a ratio in (0, 1], got {c!r}")
+
+    def replace(self, **changes: object) -> QuantConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

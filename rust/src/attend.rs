@@ -1,0 +1,639 @@
+//! Fused attention over the packed store (CPU).
+//!
+//! For a block of queries and a page of tokens, per head group: the page's keys are
+//! dequantized into a small channel-major tile (`[channels][page tokens]`, L1-resident, never
+//! the whole cache), brought back to the model's basis when needed (inverse permutation,
+//! inverse Hadamard across the tile's rows, RoPE at each key's position in `pre_rope` mode),
+//! and scored against the queries with vector operations across tokens. An online softmax
+//! (fp32) then accumulates the page's values, dequantized one token row at a time. Values
+//! stored rotated are summed in the rotated basis; the inverse rotation is applied once to
+//! the output.
+//!
+//! When keys are rotated per head (`group_heads = 1`) and not pre-RoPE, queries are rotated
+//! instead (`q̃ = P H q`, so `q̃ · k̃ = q · k`) and quantized tiles are used as stored.
+//!
+//! Work is split over sequences, query blocks and page ranges (split-K); partial softmax
+//! states are merged exactly.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::hadamard::cols_body;
+use crate::page::{Layout, Page};
+use crate::quant::{affine_f16_vec, affine_scalar, unpack_row_f32};
+use crate::rope::sincos_f32_angle;
+use crate::rotation::Mode;
+use crate::simd::{self, madd, multiversion, Level};
+use crate::store::{KVStore, Meta};
+use crate::tensor::{OutData, View4};
+
+/// What [`attend`] takes besides the layer and the output.
+#[derive(Clone, Copy, Debug)]
+pub struct AttendArgs<'a> {
+    /// Queries `[B, Hq, Tq, D]` (RoPE already applied, as models compute them).
+    pub q: View4<'a>,
+    /// Query positions `[B*Tq]` or `[Tq]`; `None`: the last `Tq` positions of each sequence.
+    pub positions: Option<&'a [i64]>,
+    /// Mask keys whose position exceeds the query's.
+    pub causal: bool,
+    /// Score scale; `None`: `1/sqrt(D)`.
+    pub scale: Option<f32>,
+    /// Sliding window: a key is visible when `q_pos - k_pos < window`.
+    pub window: Option<usize>,
+    /// Logit soft-capping (`cap * tanh(s / cap)`, Gemma 2).
+    pub softcap: Option<f32>,
+}
+
+/// `e^x` in f32 to ~1e-7 relative error, 0 below -87; branch-free so that it vectorizes.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * LOG2E + 0.5).floor();
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let y = p * f32::from_bits(((n as i32 + 127) << 23) as u32);
+    if x < -87.0 {
+        0.0
+    } else {
+        y
+    }
+}
+
+/// Softmax state of one query row.
+#[derive(Clone, Debug)]
+struct Partial {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    /// `[rows][D]`, values summed in the appended basis.
+    plain: Vec<f32>,
+    /// `[rows][D]`, values summed in the rotated basis.
+    rot: Vec<f32>,
+}
+
+impl Partial {
+    fn new(rows: usize, d: usize) -> Self {
+        Partial {
+            m: vec![f32::NEG_INFINITY; rows],
+            l: vec![0.0; rows],
+            plain: vec![0.0; rows * d],
+            rot: vec![0.0; rows * d],
+        }
+    }
+
+    fn merge(&mut self, o: &Partial, d: usize) {
+        for r in 0..self.m.len() {
+            if o.m[r] == f32::NEG_INFINITY {
+                continue;
+            }
+            let m = self.m[r].max(o.m[r]);
+            let (a, b) = ((self.m[r] - m).exp(), (o.m[r] - m).exp());
+            self.l[r] = self.l[r] * a + o.l[r] * b;
+            for c in r * d..(r + 1) * d {
+                self.plain[c] = self.plain[c] * a + o.plain[c] * b;
+                self.rot[c] = self.rot[c] * a + o.rot[c] * b;
+            }
+            self.m[r] = m;
+        }
+    }
+}
+
+/// One unit of parallel work: a sequence, a block of queries, a range of pages.
+struct Item {
+    b: usize,
+    tq0: usize,
+    tqn: usize,
+    p0: usize,
+    p1: usize,
+}
+
+/// Everything the kernels read.
+struct Ctx<'a> {
+    meta: &'a Meta,
+    layer: usize,
+    pages: Vec<Vec<&'a Page>>,
+    hq: usize,
+    tq: usize,
+    /// `[B][Hq][Tq][D]`, scaled.
+    q: Vec<f32>,
+    /// Rotated queries for quantized pages (fast path), same shape.
+    q_rot: Option<Vec<f32>>,
+    qpos: Vec<i32>,
+    causal: bool,
+    window: Option<usize>,
+    softcap: Option<f32>,
+}
+
+/// Runs attention for every query of `layer` and writes `[B, Hq, Tq, D]` into `out`.
+pub fn attend(store: &KVStore, layer: usize, a: &AttendArgs, out: &mut OutData) -> Result<()> {
+    attend_at(simd::level(), store, layer, a, out)
+}
+
+/// [`attend`] at a given SIMD level (tests compare levels).
+pub fn attend_at(
+    level: Level,
+    store: &KVStore,
+    layer: usize,
+    a: &AttendArgs,
+    out: &mut OutData,
+) -> Result<()> {
+    let m = &store.meta;
+    let [b, hq, tq, d] = a.q.shape;
+    if b != m.batch || d != m.d || hq == 0 || hq % m.heads != 0 {
+        return Err(Error::shape(
+            "q",
+            format!(
+                "[B={}, Hq (a multiple of {}), Tq, D={}]",
+                m.batch, m.heads, m.d
+            ),
+            format!("[{b}, {hq}, {tq}, {d}]"),
+        ));
+    }
+    if out.len() != b * hq * tq * d {
+        return Err(Error::shape(
+            "out",
+            format!("{} elements", b * hq * tq * d),
+            out.len().to_string(),
+        ));
+    }
+    if let Some(p) = a.positions {
+        if p.len() != b * tq && p.len() != tq {
+            return Err(Error::shape(
+                "positions",
+                format!("[B={b}, Tq={tq}] or [Tq={tq}]"),
+                format!("{} elements", p.len()),
+            ));
+        }
+        if let Some(x) = p.iter().find(|x| !(0..i32::MAX as i64).contains(*x)) {
+            return Err(Error::value(
+                "positions",
+                "0 <= position < 2^31 - 1",
+                x.to_string(),
+            ));
+        }
+    }
+    let scale = a.scale.unwrap_or(1.0 / (d as f32).sqrt());
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::value(
+            "scale",
+            "a finite value > 0",
+            scale.to_string(),
+        ));
+    }
+    if let Some(c) = a.softcap {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(Error::value("softcap", "a finite value > 0", c.to_string()));
+        }
+    }
+    if a.window == Some(0) {
+        return Err(Error::value("window", ">= 1", "0"));
+    }
+    if tq == 0 {
+        return Ok(());
+    }
+    let seqs = &store.layers[layer];
+    let mut qpos = vec![0i32; b * tq];
+    for bi in 0..b {
+        for t in 0..tq {
+            qpos[bi * tq + t] = match a.positions {
+                Some(p) if p.len() == tq => p[t] as i32,
+                Some(p) => p[bi * tq + t] as i32,
+                None => (seqs[bi].next_pos - tq as i64 + t as i64).max(0) as i32,
+            };
+        }
+    }
+    let mut q = vec![0f32; b * hq * tq * d];
+    for bi in 0..b {
+        for h in 0..hq {
+            for t in 0..tq {
+                let o = ((bi * hq + h) * tq + t) * d;
+                a.q.read_row(bi, h, t, &mut q[o..o + d]);
+                q[o..o + d].iter_mut().for_each(|x| *x *= scale);
+            }
+        }
+    }
+    if let Some(x) = q.iter().find(|x| !x.is_finite()) {
+        return Err(Error::value("q", "finite values", x.to_string()));
+    }
+    let plan = &m.plan;
+    let fast = plan.mode != Mode::PreRope && plan.group_heads == 1;
+    let q_rot = fast.then(|| {
+        let gqa = hq / m.heads;
+        let mut qr = q.clone();
+        let perm = &plan.key_perm[layer];
+        let mut y = vec![0f32; d];
+        for (i, row) in qr.chunks_exact_mut(d).enumerate() {
+            let kh = (i / tq) % hq / gqa;
+            y.copy_from_slice(row);
+            if let Some(h) = &m.had_k {
+                h.forward(&mut y);
+            }
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = y[perm[kh * d + j] as usize];
+            }
+        }
+        qr
+    });
+    let pages: Vec<Vec<&Page>> = seqs
+        .iter()
+        .map(|s| {
+            s.all_pages()
+                .map(|p| p.as_ref())
+                .filter(|p| p.live() > 0)
+                .collect()
+        })
+        .collect();
+    let ctx = Ctx {
+        meta: m,
+        layer,
+        pages,
+        hq,
+        tq,
+        q,
+        q_rot,
+        qpos,
+        causal: a.causal,
+        window: a.window,
+        softcap: a.softcap,
+    };
+    // Query blocks keep an item's rows (Hq * block) around 256; page ranges split the rest.
+    let tqb = (256 / hq).clamp(1, tq);
+    let nqb = tq.div_ceil(tqb);
+    let threads = rayon::current_num_threads().max(1);
+    let mut items = Vec::new();
+    for bi in 0..b {
+        let np = ctx.pages[bi].len();
+        let want = (4 * threads).div_ceil(b * nqb);
+        let splits = want.clamp(1, np.div_ceil(8).max(1));
+        for qb in 0..nqb {
+            let tq0 = qb * tqb;
+            let tqn = tqb.min(tq - tq0);
+            for s in 0..splits {
+                items.push(Item {
+                    b: bi,
+                    tq0,
+                    tqn,
+                    p0: s * np / splits,
+                    p1: (s + 1) * np / splits,
+                });
+            }
+        }
+    }
+    let partials: Vec<Partial> = items
+        .par_iter()
+        .map(|it| run_item(level, &ctx, it))
+        .collect();
+    // Merge the splits of each (sequence, query block) and finish the rows.
+    let mut i = 0;
+    let mut row_out = vec![0f32; d];
+    while i < items.len() {
+        let mut j = i + 1;
+        while j < items.len() && items[j].b == items[i].b && items[j].tq0 == items[i].tq0 {
+            j += 1;
+        }
+        let mut acc = partials[i].clone();
+        for p in &partials[i + 1..j] {
+            acc.merge(p, d);
+        }
+        let it = &items[i];
+        for h in 0..hq {
+            for t in 0..it.tqn {
+                let r = h * it.tqn + t;
+                let l = acc.l[r];
+                if l > 0.0 {
+                    let rot = &mut acc.rot[r * d..(r + 1) * d];
+                    if let Some(hv) = &m.had_v {
+                        hv.inverse(rot);
+                    }
+                    for c in 0..d {
+                        row_out[c] = (acc.plain[r * d + c] + rot[c]) / l;
+                    }
+                } else {
+                    row_out.fill(0.0);
+                }
+                out.write(((it.b * hq + h) * tq + it.tq0 + t) * d, &row_out);
+            }
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+multiversion! {
+    fn run_item(ctx: &Ctx, it: &Item) -> Partial => run_item_body
+}
+
+#[inline(always)]
+fn run_item_body<const FMA: bool>(ctx: &Ctx, it: &Item) -> Partial {
+    match ctx.meta.cap {
+        32 => run_tiles::<FMA, 32>(ctx, it),
+        _ => run_tiles::<FMA, 64>(ctx, it),
+    }
+}
+
+/// Dequantizes key channel `c` of head `h` of a page into `out` (all `CAP` slots).
+#[inline(always)]
+fn key_row<const FMA: bool, const CAP: usize>(
+    m: &Meta,
+    page: &Page,
+    lay: &Layout,
+    h: usize,
+    c: usize,
+    out: &mut [f32; CAP],
+) {
+    let base = lay.head(h);
+    if page.bits == 16 {
+        let src = page.u16s(base + c * CAP * 2, CAP);
+        let fmt = m.cfg.fp_format;
+        for (o, s) in out.iter_mut().zip(src) {
+            *o = fmt.decode(*s);
+        }
+        return;
+    }
+    let off = base + c * lay.k_row;
+    unpack_row_f32(&page.bytes()[off..off + lay.k_row], page.bits, out);
+    if lay.per_channel {
+        let s = crate::simd::f16_to_f32(page.u16s(base + lay.k_scale, m.d)[c]);
+        let z = crate::simd::f16_to_f32(page.u16s(base + lay.k_zero, m.d)[c]);
+        affine_scalar::<FMA>(out, s, z);
+    } else {
+        let gi = c / m.group;
+        let ng = m.d / m.group;
+        let s = &page.u16s(base + lay.k_scale, ng * CAP)[gi * CAP..(gi + 1) * CAP];
+        let z = &page.u16s(base + lay.k_zero, ng * CAP)[gi * CAP..(gi + 1) * CAP];
+        affine_f16_vec::<FMA>(out, s, z);
+    }
+}
+
+/// Dequantizes value row (slot `u`) of head `h` into `out` (`D` channels).
+#[inline(always)]
+fn value_row<const FMA: bool>(
+    m: &Meta,
+    page: &Page,
+    lay: &Layout,
+    h: usize,
+    u: usize,
+    out: &mut [f32],
+) {
+    let base = lay.head(h);
+    let d = m.d;
+    if page.bits == 16 {
+        let src = page.u16s(base + lay.v_codes + u * d * 2, d);
+        let fmt = m.cfg.fp_format;
+        for (o, s) in out.iter_mut().zip(src) {
+            *o = fmt.decode(*s);
+        }
+        return;
+    }
+    let off = base + lay.v_codes + u * lay.v_row;
+    unpack_row_f32(&page.bytes()[off..off + lay.v_row], page.bits, out);
+    let ng = d / m.group;
+    let s = &page.u16s(base + lay.v_scale + u * ng * 2, ng);
+    let z = &page.u16s(base + lay.v_zero + u * ng * 2, ng);
+    for (gi, grp) in out.chunks_exact_mut(m.group).enumerate() {
+        affine_scalar::<FMA>(
+            grp,
+            crate::simd::f16_to_f32(s[gi]),
+            crate::simd::f16_to_f32(z[gi]),
+        );
+    }
+}
+
+#[inline(always)]
+fn run_tiles<const FMA: bool, const CAP: usize>(ctx: &Ctx, it: &Item) -> Partial {
+    let m = ctx.meta;
+    let plan = &m.plan;
+    let (d, hkv, hq, tq) = (m.d, m.heads, ctx.hq, ctx.tq);
+    let gqa = hq / hkv;
+    let gh = plan.group_heads;
+    let gl = gh * d;
+    let ng = hkv / gh;
+    let rows = hq * it.tqn;
+    let mut part = Partial::new(rows, d);
+    let perm = &plan.key_perm[ctx.layer];
+    let pre_rope = plan.mode == Mode::PreRope;
+    let rope = m.rope.as_ref();
+    let half = rope.map_or(0, |r| r.half());
+    let mut tile = vec![[0f32; CAP]; gl];
+    let mut cos = vec![[0f32; CAP]; half];
+    let mut sin = vec![[0f32; CAP]; half];
+    let rows_g = gh * gqa * it.tqn;
+    let mut scores = vec![[0f32; CAP]; rows_g];
+    let mut vrow = vec![0f32; d];
+    let qpos = &ctx.qpos[it.b * tq + it.tq0..it.b * tq + it.tq0 + it.tqn];
+    let qmax = qpos.iter().copied().max().unwrap_or(0);
+    let qmin = qpos.iter().copied().min().unwrap_or(0);
+    for page in &ctx.pages[it.b][it.p0..it.p1] {
+        if ctx.causal && page.min_pos > qmax {
+            continue;
+        }
+        if let Some(w) = ctx.window {
+            if (page.max_pos as i64) <= qmin as i64 - w as i64 {
+                continue;
+            }
+        }
+        let lay = m.layout(page.bits);
+        let quant = page.bits < 16;
+        let pos = page.positions();
+        if pre_rope {
+            let r = rope.expect("pre_rope store has RoPE");
+            for i in 0..half {
+                let f = r.inv_freq[i];
+                for t in 0..CAP {
+                    let (c, s) = sincos_f32_angle(pos[t] as f32 * f);
+                    cos[i][t] = c * r.scaling;
+                    sin[i][t] = s * r.scaling;
+                }
+            }
+        }
+        let use_rot_q = quant && ctx.q_rot.is_some();
+        for g in 0..ng {
+            // 1. Keys of the group's heads, channel-major, in the basis the queries use.
+            if quant && !use_rot_q {
+                for j in 0..gl {
+                    let dst = perm[g * gl + j] as usize;
+                    key_row::<FMA, CAP>(m, page, lay, g * gh + j / d, j % d, &mut tile[dst]);
+                }
+                if let Some(h) = &m.had_k {
+                    cols_body::<FMA>(h, tile.as_flattened_mut(), CAP, true);
+                }
+            } else {
+                for j in 0..gl {
+                    key_row::<FMA, CAP>(m, page, lay, g * gh + j / d, j % d, &mut tile[j]);
+                }
+            }
+            if pre_rope {
+                for hh in 0..gh {
+                    for i in 0..half {
+                        let (lo, hi) = tile.split_at_mut(hh * d + i + half);
+                        let a = &mut lo[hh * d + i];
+                        let bb = &mut hi[0];
+                        let (c, s) = (&cos[i], &sin[i]);
+                        for t in 0..CAP {
+                            let (x, y) = (a[t], bb[t]);
+                            a[t] = x * c[t] - y * s[t];
+                            bb[t] = y * c[t] + x * s[t];
+                        }
+                    }
+                }
+            }
+            // 2. Scores, four query rows at a time.
+            let qsrc = if use_rot_q {
+                ctx.q_rot.as_ref().expect("rotated queries")
+            } else {
+                &ctx.q
+            };
+            for hh in 0..gh {
+                let kh = g * gh + hh;
+                let nr = gqa * it.tqn;
+                let qrow = |r: usize| -> &[f32] {
+                    let (rep, t) = (r / it.tqn, r % it.tqn);
+                    let h = kh * gqa + rep;
+                    let o = ((it.b * hq + h) * tq + it.tq0 + t) * d;
+                    &qsrc[o..o + d]
+                };
+                let mut r = 0;
+                while r < nr {
+                    let k = (nr - r).min(4);
+                    let mut acc = [[0f32; CAP]; 4];
+                    let qs = [
+                        qrow(r),
+                        qrow(r + (1 % k)),
+                        qrow(r + (2 % k)),
+                        qrow(r + (3 % k)),
+                    ];
+                    for c in 0..d {
+                        let row = &tile[hh * d + c];
+                        for x in 0..4 {
+                            let qc = qs[x][c];
+                            for t in 0..CAP {
+                                acc[x][t] = madd::<FMA>(qc, row[t], acc[x][t]);
+                            }
+                        }
+                    }
+                    for x in 0..k {
+                        scores[hh * nr + r + x] = acc[x];
+                    }
+                    r += k;
+                }
+            }
+            // 3. Mask, soft-cap, online softmax.
+            let mut any = false;
+            for hh in 0..gh {
+                let kh = g * gh + hh;
+                let nr = gqa * it.tqn;
+                for r in 0..nr {
+                    let (rep, t) = (r / it.tqn, r % it.tqn);
+                    let h = kh * gqa + rep;
+                    let prow = h * it.tqn + t;
+                    let qp = qpos[t];
+                    let s = &mut scores[hh * nr + r];
+                    let mut mx = f32::NEG_INFINITY;
+                    for u in 0..CAP {
+                        let mut v = s[u];
+                        if let Some(cap) = ctx.softcap {
+                            v = cap * (v / cap).tanh();
+                        }
+                        let live = u >= page.start && u < page.len;
+                        let vis = live
+                            && (!ctx.causal || pos[u] <= qp)
+                            && ctx
+                                .window
+                                .is_none_or(|w| (qp as i64 - pos[u] as i64) < w as i64);
+                        v = if vis { v } else { f32::NEG_INFINITY };
+                        s[u] = v;
+                        mx = mx.max(v);
+                    }
+                    if mx == f32::NEG_INFINITY {
+                        s.fill(0.0);
+                        continue;
+                    }
+                    any = true;
+                    let mold = part.m[prow];
+                    let mnew = mold.max(mx);
+                    if mnew > mold {
+                        let corr = exp_f32(mold - mnew);
+                        part.l[prow] *= corr;
+                        part.plain[prow * d..(prow + 1) * d]
+                            .iter_mut()
+                            .for_each(|x| *x *= corr);
+                        part.rot[prow * d..(prow + 1) * d]
+                            .iter_mut()
+                            .for_each(|x| *x *= corr);
+                        part.m[prow] = mnew;
+                    }
+                    let mut sum = 0.0;
+                    for u in 0..CAP {
+                        let p = exp_f32(s[u] - mnew);
+                        s[u] = p;
+                        sum += p;
+                    }
+                    part.l[prow] += sum;
+                }
+            }
+            if !any {
+                continue;
+            }
+            // 4. Values, one token row at a time, into the matching basis.
+            let rotated_v = quant && m.had_v.is_some();
+            for hh in 0..gh {
+                let kh = g * gh + hh;
+                let nr = gqa * it.tqn;
+                for u in page.start..page.len {
+                    if (0..nr).all(|r| scores[hh * nr + r][u] == 0.0) {
+                        continue;
+                    }
+                    value_row::<FMA>(m, page, lay, kh, u, &mut vrow);
+                    let acc = if rotated_v {
+                        &mut part.rot
+                    } else {
+                        &mut part.plain
+                    };
+                    for r in 0..nr {
+                        let p = scores[hh * nr + r][u];
+                        if p == 0.0 {
+                            continue;
+                        }
+                        let (rep, t) = (r / it.tqn, r % it.tqn);
+                        let prow = (kh * gqa + rep) * it.tqn + t;
+                        let dst = &mut acc[prow * d..(prow + 1) * d];
+                        for c in 0..d {
+                            dst[c] = madd::<FMA>(p, vrow[c], dst[c]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    part
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_std() {
+        let mut worst = 0.0f32;
+        for i in 0..100_000 {
+            let x = -90.0 + i as f32 * 0.00095;
+            let want = x.exp();
+            let got = exp_f32(x);
+            if x < -87.0 {
+                assert_eq!(got, 0.0);
+                continue;
+            }
+            worst = worst.max(((got - want) / want).abs());
+        }
+        assert!(worst < 3e-7, "{worst}");
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(0.0), 1.0);
+    }
+}

@@ -1,0 +1,988 @@
+//! The packed KV store: layers x sequences x KV heads, paged, with precision classes.
+//!
+//! Each (layer, sequence) owns a list of [`Page`]s. A token lives in exactly one page:
+//! * quantized pages of its precision class (2, 3, 4 or 8 bits; the config's `bits` unless
+//!   the caller gives per-token bits);
+//! * 16-bit pages for protected tokens (attention sinks) and for 16-bit classes;
+//! * the recent window: 16-bit pages holding the newest `residual` tokens (more, up to a
+//!   block, with per-channel keys), drained from the front into quantized pages as tokens
+//!   age. A token that enters the window is quantized from its 16-bit copy, and one that
+//!   would leave it at once is rounded to 16 bits the same way, so results do not depend on
+//!   how the sequence was chunked.
+//!
+//! Pages are reference-counted: `reorder` (beam search) shares them between sequences and a
+//! shared page is copied only when a sequence appends into it (copy on write).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::hadamard::Hadamard;
+use crate::page::{
+    move_slot, write_fp, write_quant_per_channel, write_quant_per_token, Chunk, FpFormat, Layout,
+    Page,
+};
+use crate::quant::{check_bits, unpack_row};
+use crate::rope::Rope;
+use crate::rotation::{Mode, RotationPlan};
+use crate::simd::f16_to_f32;
+use crate::tensor::View4;
+
+/// How keys are grouped for quantization.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyLayout {
+    /// Groups of `group_size` channels of one token.
+    PerToken,
+    /// One group per channel over a page of tokens (KIVI).
+    PerChannel,
+}
+
+impl KeyLayout {
+    /// Parses `"per_token" | "per_channel"`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "per_token" => Ok(KeyLayout::PerToken),
+            "per_channel" => Ok(KeyLayout::PerChannel),
+            _ => Err(Error::value(
+                "key_layout",
+                "'per_token' or 'per_channel'",
+                format!("{s:?}"),
+            )),
+        }
+    }
+    /// The name used in Python and files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyLayout::PerToken => "per_token",
+            KeyLayout::PerChannel => "per_channel",
+        }
+    }
+}
+
+/// Quantization settings of a store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantConfig {
+    /// Default bits of a token (2, 3, 4, 8 or 16).
+    pub bits: u8,
+    /// Channels per group; `None`: the head dim.
+    pub group_size: Option<usize>,
+    /// Key clip ratio; `None`: the plan's per-layer value.
+    pub key_clip: Option<f32>,
+    /// Value clip ratio; `None`: the plan's per-layer value.
+    pub value_clip: Option<f32>,
+    /// Most recent tokens per sequence kept in 16 bits.
+    pub residual: usize,
+    /// Key grouping.
+    pub key_layout: KeyLayout,
+    /// Tokens per page (32 or 64); `None`: 64 per token, 32 per channel.
+    pub page_tokens: Option<usize>,
+    /// Format of 16-bit tokens.
+    pub fp_format: FpFormat,
+}
+
+impl Default for QuantConfig {
+    fn default() -> Self {
+        QuantConfig {
+            bits: 2,
+            group_size: None,
+            key_clip: None,
+            value_clip: None,
+            residual: 0,
+            key_layout: KeyLayout::PerToken,
+            page_tokens: None,
+            fp_format: FpFormat::F16,
+        }
+    }
+}
+
+/// Index of a bit width among the precision classes.
+pub fn class_index(bits: u8) -> usize {
+    match bits {
+        2 => 0,
+        3 => 1,
+        4 => 2,
+        8 => 3,
+        _ => 4,
+    }
+}
+
+/// The 5 classes' bit widths, by index.
+pub const CLASS_BITS: [u8; 5] = [2, 3, 4, 8, 16];
+
+/// One sequence of one layer.
+#[derive(Clone, Debug, Default)]
+pub struct Seq {
+    /// Quantized and 16-bit pages (not the window).
+    pub pages: Vec<Arc<Page>>,
+    /// The recent window, oldest first.
+    pub window: VecDeque<Arc<Page>>,
+    /// The page of each class accepting tokens.
+    open: [Option<usize>; 5],
+    /// Position given to the next token when the caller gives none.
+    pub next_pos: i64,
+}
+
+impl Seq {
+    /// Stored tokens.
+    pub fn len(&self) -> usize {
+        self.pages
+            .iter()
+            .chain(self.window.iter())
+            .map(|p| p.live())
+            .sum()
+    }
+    /// Whether nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Every page, window last.
+    pub fn all_pages(&self) -> impl Iterator<Item = &Arc<Page>> {
+        self.pages.iter().chain(self.window.iter())
+    }
+}
+
+/// Everything a store knows besides its tokens.
+#[derive(Clone, Debug)]
+pub struct Meta {
+    /// Layers.
+    pub num_layers: usize,
+    /// Sequences.
+    pub batch: usize,
+    /// KV heads.
+    pub heads: usize,
+    /// Head dim.
+    pub d: usize,
+    /// Settings.
+    pub cfg: QuantConfig,
+    /// Resolved group size.
+    pub group: usize,
+    /// Resolved page capacity.
+    pub cap: usize,
+    /// Rotation plan.
+    pub plan: RotationPlan,
+    /// RoPE (required in pre-RoPE mode).
+    pub rope: Option<Rope>,
+    /// Key transform (size `group_heads * d`), when the plan rotates keys.
+    pub had_k: Option<Hadamard>,
+    /// Value transform (size `d`), when values are rotated.
+    pub had_v: Option<Hadamard>,
+    /// Page layouts by class index.
+    pub layouts: Vec<Layout>,
+}
+
+impl Meta {
+    /// Layout of a class.
+    pub fn layout(&self, bits: u8) -> &Layout {
+        &self.layouts[class_index(bits)]
+    }
+    fn uses_window(&self) -> bool {
+        self.cfg.bits < 16
+            && (self.cfg.residual > 0 || self.cfg.key_layout == KeyLayout::PerChannel)
+    }
+    fn clips(&self, layer: usize) -> (f32, f32) {
+        (
+            self.cfg.key_clip.unwrap_or(self.plan.key_clip[layer]),
+            self.cfg.value_clip.unwrap_or(self.plan.value_clip[layer]),
+        )
+    }
+}
+
+/// The store.
+#[derive(Clone, Debug)]
+pub struct KVStore {
+    /// Shapes, settings, plan.
+    pub meta: Meta,
+    /// `[layer][sequence]`.
+    pub layers: Vec<Vec<Seq>>,
+}
+
+/// What [`KVStore::append`] takes besides the layer.
+#[derive(Clone, Copy, Debug)]
+pub struct AppendArgs<'a> {
+    /// Keys `[B, Hkv, T, D]`.
+    pub k: View4<'a>,
+    /// Values `[B, Hkv, T, D]`.
+    pub v: View4<'a>,
+    /// Positions, `[B*T]` or `[T]`.
+    pub positions: Option<&'a [i64]>,
+    /// Protected tokens `[B*T]`.
+    pub protect: Option<&'a [bool]>,
+    /// Tokens to store `[B*T]`.
+    pub valid: Option<&'a [bool]>,
+    /// Per-token bits `[B*T]`.
+    pub bits: Option<&'a [u8]>,
+}
+
+/// Raw tokens of one sequence in f32: keys and values `[n][Hkv*D]`.
+#[derive(Default)]
+struct Staged {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    pos: Vec<i32>,
+    tag: Vec<u8>,
+}
+
+impl Staged {
+    fn push_from(&mut self, other: &Staged, i: usize, hd: usize) {
+        self.k.extend_from_slice(&other.k[i * hd..(i + 1) * hd]);
+        self.v.extend_from_slice(&other.v[i * hd..(i + 1) * hd]);
+        self.pos.push(other.pos[i]);
+        self.tag.push(other.tag[i]);
+    }
+    fn len(&self) -> usize {
+        self.pos.len()
+    }
+}
+
+fn shape_str(s: &[usize]) -> String {
+    format!(
+        "[{}]",
+        s.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+impl KVStore {
+    /// A new, empty store.
+    pub fn new(
+        num_layers: usize,
+        batch: usize,
+        heads: usize,
+        d: usize,
+        cfg: QuantConfig,
+        plan: RotationPlan,
+        rope: Option<Rope>,
+    ) -> Result<Self> {
+        if batch == 0 || batch > 1 << 20 {
+            return Err(Error::value("batch_size", "1 ..= 2^20", batch.to_string()));
+        }
+        if num_layers == 0 || num_layers > 1 << 16 {
+            return Err(Error::value(
+                "num_layers",
+                "1 ..= 65536",
+                num_layers.to_string(),
+            ));
+        }
+        if heads == 0 || heads > 4096 {
+            return Err(Error::value(
+                "num_kv_heads",
+                "1 ..= 4096",
+                heads.to_string(),
+            ));
+        }
+        if d == 0 || d % 8 != 0 || d > 4096 {
+            return Err(Error::value(
+                "head_dim",
+                "a multiple of 8 up to 4096",
+                d.to_string(),
+            ));
+        }
+        check_bits("bits", cfg.bits)?;
+        if (plan.num_layers, plan.num_kv_heads, plan.head_dim) != (num_layers, heads, d) {
+            return Err(Error::value(
+                "plan",
+                format!("a plan for {num_layers} layers x {heads} KV heads x {d} channels"),
+                format!(
+                    "{} layers x {} KV heads x {} channels",
+                    plan.num_layers, plan.num_kv_heads, plan.head_dim
+                ),
+            ));
+        }
+        plan.validate()?;
+        let group = cfg.group_size.unwrap_or(d);
+        if group == 0 || group % 8 != 0 || d % group != 0 {
+            return Err(Error::value(
+                "group_size",
+                format!("a multiple of 8 that divides head_dim = {d}"),
+                group.to_string(),
+            ));
+        }
+        for (name, c) in [("key_clip", cfg.key_clip), ("value_clip", cfg.value_clip)] {
+            if let Some(c) = c {
+                if !(c > 0.0 && c <= 1.0) {
+                    return Err(Error::value(name, "a ratio in (0, 1]", c.to_string()));
+                }
+            }
+        }
+        let cap = cfg.page_tokens.unwrap_or(match cfg.key_layout {
+            KeyLayout::PerToken => 64,
+            KeyLayout::PerChannel => 32,
+        });
+        if cap != 32 && cap != 64 {
+            return Err(Error::value("page_tokens", "32 or 64", cap.to_string()));
+        }
+        if cfg.residual > 1 << 20 {
+            return Err(Error::value(
+                "residual",
+                "at most 2^20",
+                cfg.residual.to_string(),
+            ));
+        }
+        match (&rope, plan.mode) {
+            (None, Mode::PreRope) => {
+                return Err(Error::value(
+                    "rope_inv_freq",
+                    "the model's RoPE inverse frequencies (the plan's mode is 'pre_rope')",
+                    "None",
+                ))
+            }
+            (Some(r), _) if 2 * r.half() > d => {
+                return Err(Error::shape(
+                    "rope_inv_freq",
+                    format!("at most head_dim/2 = {} entries", d / 2),
+                    r.half().to_string(),
+                ))
+            }
+            _ => {}
+        }
+        let had_k = if plan.rotates_keys() {
+            Some(Hadamard::new(plan.group_len())?)
+        } else {
+            None
+        };
+        let had_v = if plan.rotate_values {
+            Some(Hadamard::new(d)?)
+        } else {
+            None
+        };
+        let per_channel = cfg.key_layout == KeyLayout::PerChannel;
+        let layouts = crate::store::CLASS_BITS
+            .iter()
+            .map(|&b| Layout::new(b, per_channel, cap, heads, d, group))
+            .collect();
+        let meta = Meta {
+            num_layers,
+            batch,
+            heads,
+            d,
+            cfg,
+            group,
+            cap,
+            plan,
+            rope,
+            had_k,
+            had_v,
+            layouts,
+        };
+        Ok(KVStore {
+            meta,
+            layers: vec![vec![Seq::default(); batch]; num_layers],
+        })
+    }
+
+    /// Checks a layer index.
+    pub fn check_layer(&self, layer: i64) -> Result<usize> {
+        if layer < 0 || layer as usize >= self.meta.num_layers {
+            return Err(Error::value(
+                "layer",
+                format!("0 <= layer < {}", self.meta.num_layers),
+                layer.to_string(),
+            ));
+        }
+        Ok(layer as usize)
+    }
+
+    /// Tokens stored per sequence in a layer.
+    pub fn seq_lens(&self, layer: usize) -> Vec<usize> {
+        self.layers[layer].iter().map(|s| s.len()).collect()
+    }
+
+    /// Allocated bytes of every page (pages shared after `reorder` counted once).
+    pub fn nbytes(&self) -> usize {
+        let mut seen = HashSet::new();
+        let mut total = 0;
+        for seq in self.layers.iter().flatten() {
+            for p in seq.all_pages() {
+                if seen.insert(Arc::as_ptr(p)) {
+                    total += p.nbytes();
+                }
+            }
+        }
+        total
+    }
+
+    /// Bytes the stored tokens occupy (codes, scales, zeros, positions, tags), page slack
+    /// excluded; shared pages counted per sequence.
+    pub fn payload_bytes(&self) -> f64 {
+        self.layers
+            .iter()
+            .flatten()
+            .flat_map(|s| s.all_pages())
+            .map(|p| p.live() as f64 * self.meta.layout(p.bits).token_payload_bytes())
+            .sum()
+    }
+
+    /// Stored tokens over all layers and sequences.
+    pub fn total_tokens(&self) -> usize {
+        self.layers.iter().flatten().map(|s| s.len()).sum()
+    }
+
+    /// Bits per stored K or V element, scales, zeros, positions and 16-bit tokens included.
+    pub fn bits_per_element(&self) -> f64 {
+        let n = self.total_tokens();
+        if n == 0 {
+            return 0.0;
+        }
+        self.payload_bytes() * 8.0 / (n as f64 * self.meta.heads as f64 * self.meta.d as f64 * 2.0)
+    }
+
+    /// Validates everything about an append before anything changes.
+    fn validate_append(&self, a: &AppendArgs) -> Result<(usize, usize)> {
+        let m = &self.meta;
+        let want = |t: usize| [m.batch, m.heads, t, m.d];
+        let t = a.k.shape[2];
+        for (name, v) in [("k", &a.k), ("v", &a.v)] {
+            if v.shape != want(t) {
+                return Err(Error::shape(
+                    name,
+                    format!("[B={}, Hkv={}, T={t}, D={}]", m.batch, m.heads, m.d),
+                    shape_str(&v.shape),
+                ));
+            }
+        }
+        if t > 1 << 24 {
+            return Err(Error::value(
+                "k",
+                "at most 2^24 tokens per append",
+                t.to_string(),
+            ));
+        }
+        let b = m.batch;
+        if let Some(p) = a.positions {
+            if p.len() != b * t && p.len() != t {
+                return Err(Error::shape(
+                    "positions",
+                    format!("[B={b}, T={t}] or [T={t}]"),
+                    format!("{} elements", p.len()),
+                ));
+            }
+            if let Some(x) = p.iter().find(|x| !(0..i32::MAX as i64).contains(*x)) {
+                return Err(Error::value(
+                    "positions",
+                    "0 <= position < 2^31 - 1",
+                    x.to_string(),
+                ));
+            }
+        }
+        for (name, len) in [
+            ("protect", a.protect.map(|x| x.len())),
+            ("valid", a.valid.map(|x| x.len())),
+            ("bits", a.bits.map(|x| x.len())),
+        ] {
+            if let Some(len) = len {
+                if len != b * t {
+                    return Err(Error::shape(
+                        name,
+                        format!("[B={b}, T={t}]"),
+                        format!("{len} elements"),
+                    ));
+                }
+            }
+        }
+        if let Some(bits) = a.bits {
+            for &x in bits {
+                check_bits("bits", x)?;
+            }
+        }
+        // Non-finite keys or values would poison a whole quantization group.
+        let mut row = vec![0f32; m.d];
+        for (name, v) in [("k", &a.k), ("v", &a.v)] {
+            for bi in 0..b {
+                for h in 0..m.heads {
+                    for ti in 0..t {
+                        if a.valid.is_some_and(|vv| !vv[bi * t + ti]) {
+                            continue;
+                        }
+                        v.read_row(bi, h, ti, &mut row);
+                        if let Some(x) = row.iter().find(|x| !x.is_finite()) {
+                            return Err(Error::value(
+                                name,
+                                "finite values",
+                                format!("{x} at [{bi}, {h}, {ti}]"),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        // Default positions must stay in range too.
+        if a.positions.is_none() {
+            for s in &self.layers[0] {
+                if s.next_pos + t as i64 >= i32::MAX as i64 {
+                    return Err(Error::value(
+                        "positions",
+                        "positions below 2^31 - 1",
+                        "overflow",
+                    ));
+                }
+            }
+        }
+        Ok((b, t))
+    }
+
+    /// Appends `T` tokens to every sequence of `layer`. On error nothing changes.
+    pub fn append(&mut self, layer: usize, a: &AppendArgs) -> Result<()> {
+        let (_, t) = self.validate_append(a)?;
+        if t == 0 {
+            return Ok(());
+        }
+        // Default positions continue each sequence, per layer.
+        let meta = &self.meta;
+        self.layers[layer]
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(b, seq)| {
+                append_seq(meta, layer, seq, b, t, a);
+            });
+        Ok(())
+    }
+
+    /// Beam-search reorder: sequence `i` becomes old sequence `indices[i]` in every layer.
+    pub fn reorder(&mut self, indices: &[i64]) -> Result<()> {
+        let b = self.meta.batch;
+        if indices.len() != b {
+            return Err(Error::shape(
+                "indices",
+                format!("[{b}]"),
+                format!("[{}]", indices.len()),
+            ));
+        }
+        if let Some(x) = indices.iter().find(|x| !(0..b as i64).contains(*x)) {
+            return Err(Error::value(
+                "indices",
+                format!("0 <= index < {b}"),
+                x.to_string(),
+            ));
+        }
+        for layer in &mut self.layers {
+            let old = std::mem::take(layer);
+            *layer = indices.iter().map(|&i| old[i as usize].clone()).collect();
+        }
+        Ok(())
+    }
+
+    /// Drops every token whose position is `>= length` (per sequence: `lengths[b]`, or one
+    /// length for all).
+    pub fn truncate(&mut self, lengths: &[i64]) -> Result<()> {
+        let b = self.meta.batch;
+        if lengths.len() != b && lengths.len() != 1 {
+            return Err(Error::shape(
+                "length",
+                format!("an int or [{b}]"),
+                format!("[{}]", lengths.len()),
+            ));
+        }
+        if let Some(x) = lengths.iter().find(|x| **x < 0) {
+            return Err(Error::value("length", ">= 0", x.to_string()));
+        }
+        let meta = &self.meta;
+        for layer in &mut self.layers {
+            for (i, seq) in layer.iter_mut().enumerate() {
+                let len = lengths[if lengths.len() == 1 { 0 } else { i }];
+                truncate_seq(meta, seq, len);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every token (the store keeps its settings).
+    pub fn clear(&mut self) {
+        for seq in self.layers.iter_mut().flatten() {
+            *seq = Seq::default();
+        }
+    }
+
+    /// Positions, keys and values of sequence `b` of `layer`, dequantized back to the basis
+    /// they were appended in (pre-RoPE keys in `pre_rope` mode), `[n][Hkv*D]`, page by page
+    /// (window last). A debugging and testing aid built on the plain reference unpacker, not
+    /// on the attention kernels; it materializes what attention never does.
+    pub fn dequantize(&self, layer: usize, b: usize) -> (Vec<i32>, Vec<f32>, Vec<f32>) {
+        let m = &self.meta;
+        let seq = &self.layers[layer][b];
+        let hd = m.heads * m.d;
+        let (mut pos, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+        for page in seq.all_pages() {
+            let lay = m.layout(page.bits);
+            for u in page.start..page.len {
+                pos.push(page.positions()[u]);
+                let (k, v) = read_slot_ref(m, layer, page, lay, u);
+                debug_assert_eq!(k.len(), hd);
+                ks.extend(k);
+                vs.extend(v);
+            }
+        }
+        (pos, ks, vs)
+    }
+}
+
+/// Reference reader of one slot: keys and values `[Hkv*D]` in the appended basis.
+fn read_slot_ref(
+    m: &Meta,
+    layer: usize,
+    page: &Page,
+    lay: &Layout,
+    u: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let (d, cap, heads) = (m.d, lay.cap, m.heads);
+    let mut k = vec![0f32; heads * d];
+    let mut v = vec![0f32; heads * d];
+    let mut codes = vec![0u8; cap.max(d)];
+    for h in 0..heads {
+        let base = lay.head(h);
+        if page.bits == 16 {
+            let kk = page.u16s(base, d * cap);
+            let vv = page.u16s(base + lay.v_codes, cap * d);
+            for c in 0..d {
+                k[h * d + c] = m.cfg.fp_format.decode(kk[c * cap + u]);
+                v[h * d + c] = m.cfg.fp_format.decode(vv[u * d + c]);
+            }
+            continue;
+        }
+        let ng = d / m.group;
+        for c in 0..d {
+            let off = base + c * lay.k_row;
+            unpack_row(
+                &page.bytes()[off..off + lay.k_row],
+                page.bits,
+                &mut codes[..cap],
+            );
+            let (s, z) = if lay.per_channel {
+                (
+                    page.u16s(base + lay.k_scale, d)[c],
+                    page.u16s(base + lay.k_zero, d)[c],
+                )
+            } else {
+                let gi = c / m.group;
+                (
+                    page.u16s(base + lay.k_scale, ng * cap)[gi * cap + u],
+                    page.u16s(base + lay.k_zero, ng * cap)[gi * cap + u],
+                )
+            };
+            k[h * d + c] = codes[u] as f32 * f16_to_f32(s) + f16_to_f32(z);
+        }
+        let off = base + lay.v_codes + u * lay.v_row;
+        unpack_row(
+            &page.bytes()[off..off + lay.v_row],
+            page.bits,
+            &mut codes[..d],
+        );
+        for c in 0..d {
+            let gi = c / m.group;
+            let s = page.u16s(base + lay.v_scale, cap * ng)[u * ng + gi];
+            let z = page.u16s(base + lay.v_zero, cap * ng)[u * ng + gi];
+            v[h * d + c] = codes[c] as f32 * f16_to_f32(s) + f16_to_f32(z);
+        }
+    }
+    if page.bits == 16 {
+        return (k, v);
+    }
+    // Undo the key basis: stored[j] = (H k)[perm[j]].
+    let n = m.plan.group_len();
+    let perm = &m.plan.key_perm[layer];
+    for (g, grp) in k.chunks_exact_mut(n).enumerate() {
+        let mut y = vec![0f32; n];
+        for (j, val) in grp.iter().enumerate() {
+            y[perm[g * n + j] as usize] = *val;
+        }
+        if let Some(h) = &m.had_k {
+            h.inverse(&mut y);
+        }
+        grp.copy_from_slice(&y);
+    }
+    if let Some(h) = &m.had_v {
+        for vh in v.chunks_exact_mut(d) {
+            h.inverse(vh);
+        }
+    }
+    (k, v)
+}
+
+/// Keys `[n][Hkv*D]` to the stored basis, channel-major `[Hkv*D][n]`.
+fn keys_to_stored(m: &Meta, layer: usize, k: &[f32], n: usize) -> Vec<f32> {
+    let hd = m.heads * m.d;
+    let gl = m.plan.group_len();
+    let perm = &m.plan.key_perm[layer];
+    let mut out = vec![0f32; hd * n];
+    let mut blk = vec![0f32; gl * n];
+    for g in 0..m.heads / m.plan.group_heads {
+        for c in 0..gl {
+            for t in 0..n {
+                blk[c * n + t] = k[t * hd + g * gl + c];
+            }
+        }
+        if let Some(h) = &m.had_k {
+            h.forward_cols(&mut blk, n);
+        }
+        for j in 0..gl {
+            let src = perm[g * gl + j] as usize;
+            out[(g * gl + j) * n..(g * gl + j + 1) * n]
+                .copy_from_slice(&blk[src * n..(src + 1) * n]);
+        }
+    }
+    out
+}
+
+/// Keys `[n][Hkv*D]` channel-major, unrotated.
+fn keys_raw_cm(m: &Meta, k: &[f32], n: usize) -> Vec<f32> {
+    let hd = m.heads * m.d;
+    let mut out = vec![0f32; hd * n];
+    for t in 0..n {
+        for c in 0..hd {
+            out[c * n + t] = k[t * hd + c];
+        }
+    }
+    out
+}
+
+fn open_page<'s>(m: &Meta, seq: &'s mut Seq, bits: u8) -> &'s mut Page {
+    let ci = class_index(bits);
+    let ok = seq.open[ci].is_some_and(|i| {
+        i < seq.pages.len() && seq.pages[i].bits == bits && seq.pages[i].has_room()
+    });
+    if !ok {
+        // After a truncate the cached index is gone: reuse a page that still has room.
+        seq.open[ci] = seq
+            .pages
+            .iter()
+            .rposition(|p| p.bits == bits && p.has_room());
+        if seq.open[ci].is_none() {
+            seq.pages.push(Arc::new(Page::new(m.layout(bits))));
+            seq.open[ci] = Some(seq.pages.len() - 1);
+        }
+    }
+    let i = seq.open[ci].unwrap_or_default();
+    Arc::make_mut(&mut seq.pages[i])
+}
+
+/// Writes staged tokens (all of one class) into that class's pages.
+fn put(m: &Meta, layer: usize, seq: &mut Seq, st: &Staged, bits: u8) {
+    let n = st.len();
+    if n == 0 {
+        return;
+    }
+    let hd = m.heads * m.d;
+    let lay = m.layout(bits).clone();
+    let (kclip, vclip) = m.clips(layer);
+    let mut done = 0;
+    while done < n {
+        let per_channel = bits < 16 && lay.per_channel;
+        let page = if per_channel {
+            seq.pages.push(Arc::new(Page::new(&lay)));
+            let i = seq.pages.len() - 1;
+            Arc::make_mut(&mut seq.pages[i])
+        } else {
+            open_page(m, seq, bits)
+        };
+        let take = (page.cap - page.len).min(n - done);
+        let r = done..done + take;
+        let k = &st.k[r.start * hd..r.end * hd];
+        let mut v = st.v[r.start * hd..r.end * hd].to_vec();
+        let keys = if bits == 16 {
+            keys_raw_cm(m, k, take)
+        } else {
+            keys_to_stored(m, layer, k, take)
+        };
+        if bits < 16 {
+            if let Some(h) = &m.had_v {
+                v.chunks_exact_mut(m.d).for_each(|x| h.forward(x));
+            }
+        }
+        let chunk = Chunk {
+            keys: &keys,
+            values: &v,
+            pos: &st.pos[r.clone()],
+            tags: &st.tag[r],
+        };
+        match (bits, per_channel) {
+            (16, _) => write_fp(page, &lay, &chunk, m.cfg.fp_format),
+            (_, true) => write_quant_per_channel(page, &lay, &chunk, kclip, vclip),
+            _ => write_quant_per_token(page, &lay, &chunk, kclip, vclip),
+        }
+        done += take;
+    }
+}
+
+/// Writes staged tokens into the window's pages.
+fn put_window(m: &Meta, seq: &mut Seq, st: &Staged) {
+    let hd = m.heads * m.d;
+    let lay = m.layout(16).clone();
+    let mut done = 0;
+    while done < st.len() {
+        if !seq.window.back().is_some_and(|p| p.has_room()) {
+            seq.window.push_back(Arc::new(Page::new(&lay)));
+        }
+        let page = Arc::make_mut(seq.window.back_mut().expect("window page"));
+        let take = (page.cap - page.len).min(st.len() - done);
+        let r = done..done + take;
+        let keys = keys_raw_cm(m, &st.k[r.start * hd..r.end * hd], take);
+        let chunk = Chunk {
+            keys: &keys,
+            values: &st.v[r.start * hd..r.end * hd],
+            pos: &st.pos[r.clone()],
+            tags: &st.tag[r],
+        };
+        write_fp(page, &lay, &chunk, m.cfg.fp_format);
+        done += take;
+    }
+}
+
+/// Takes the `n` oldest window tokens out of the window, decoded to f32.
+fn drain_window(m: &Meta, seq: &mut Seq, mut n: usize, into: &mut Staged) {
+    let (d, heads) = (m.d, m.heads);
+    let fmt = m.cfg.fp_format;
+    while n > 0 {
+        let Some(front) = seq.window.front_mut() else {
+            break;
+        };
+        let page = Arc::make_mut(front);
+        let lay = m.layout(16);
+        let take = page.live().min(n);
+        for u in page.start..page.start + take {
+            for h in 0..heads {
+                let base = lay.head(h);
+                let kk = page.u16s(base, d * lay.cap);
+                into.k
+                    .extend((0..d).map(|c| fmt.decode(kk[c * lay.cap + u])));
+            }
+            for h in 0..heads {
+                let base = lay.head(h);
+                let vv = page.u16s(base + lay.v_codes, lay.cap * d);
+                into.v
+                    .extend(vv[u * d..(u + 1) * d].iter().map(|x| fmt.decode(*x)));
+            }
+            into.pos.push(page.positions()[u]);
+            into.tag.push(page.tags()[u]);
+        }
+        page.start += take;
+        n -= take;
+        if page.live() == 0 && !page.has_room() {
+            seq.window.pop_front();
+        } else {
+            page.refresh_range();
+        }
+    }
+}
+
+fn window_len(seq: &Seq) -> usize {
+    seq.window.iter().map(|p| p.live()).sum()
+}
+
+fn append_seq(m: &Meta, layer: usize, seq: &mut Seq, b: usize, t: usize, a: &AppendArgs) {
+    let hd = m.heads * m.d;
+    let (mut direct16, mut windowed) = (Staged::default(), Staged::default());
+    let mut direct: HashMap<u8, Staged> = HashMap::new();
+    let mut row = vec![0f32; m.d];
+    let mut next = seq.next_pos;
+    let use_window = m.uses_window();
+    let fmt = m.cfg.fp_format;
+    for ti in 0..t {
+        let idx = b * t + ti;
+        if a.valid.is_some_and(|v| !v[idx]) {
+            continue;
+        }
+        let pos = match a.positions {
+            Some(p) if p.len() == t => p[ti],
+            Some(p) => p[idx],
+            None => next,
+        };
+        next = next.max(pos + 1);
+        let protect = a.protect.is_some_and(|p| p[idx]);
+        let bits = a.bits.map_or(m.cfg.bits, |x| x[idx]);
+        let (dst, tag) = if protect || bits == 16 {
+            (&mut direct16, 16u8)
+        } else if use_window {
+            (&mut windowed, bits)
+        } else {
+            (direct.entry(bits).or_default(), bits)
+        };
+        for h in 0..m.heads {
+            a.k.read_row(b, h, ti, &mut row);
+            dst.k.extend_from_slice(&row);
+        }
+        for h in 0..m.heads {
+            a.v.read_row(b, h, ti, &mut row);
+            dst.v.extend_from_slice(&row);
+        }
+        dst.pos.push(pos as i32);
+        dst.tag.push(tag);
+    }
+    seq.next_pos = next;
+    put(m, layer, seq, &direct16, 16);
+    for (bits, st) in &direct {
+        put(m, layer, seq, st, *bits);
+    }
+    if windowed.len() == 0 {
+        return;
+    }
+    // How many of (window + new) leave the window now.
+    let w0 = window_len(seq);
+    let total = w0 + windowed.len();
+    let over = total.saturating_sub(m.cfg.residual);
+    let leave = match m.cfg.key_layout {
+        KeyLayout::PerToken => over,
+        KeyLayout::PerChannel => over / m.cap * m.cap,
+    };
+    let mut out = Staged::default();
+    drain_window(m, seq, leave.min(w0), &mut out);
+    let from_new = leave.saturating_sub(w0);
+    for i in 0..from_new {
+        out.push_from(&windowed, i, hd);
+    }
+    // Tokens leaving at once are rounded as if they had waited in the window.
+    let n_old = out.len() - from_new;
+    out.k[n_old * hd..]
+        .iter_mut()
+        .for_each(|x| *x = fmt.round(*x));
+    out.v[n_old * hd..]
+        .iter_mut()
+        .for_each(|x| *x = fmt.round(*x));
+    let mut rest = Staged::default();
+    for i in from_new..windowed.len() {
+        rest.push_from(&windowed, i, hd);
+    }
+    put_window(m, seq, &rest);
+    let mut by_class: HashMap<u8, Staged> = HashMap::new();
+    for i in 0..out.len() {
+        by_class
+            .entry(out.tag[i])
+            .or_default()
+            .push_from(&out, i, hd);
+    }
+    let mut classes: Vec<u8> = by_class.keys().copied().collect();
+    classes.sort_unstable();
+    for bits in classes {
+        put(m, layer, seq, &by_class[&bits], bits);
+    }
+}
+
+fn truncate_seq(m: &Meta, seq: &mut Seq, len: i64) {
+    let keep = |p: &Arc<Page>| (p.min_pos as i64) < len;
+    let fix = |p: &mut Arc<Page>| {
+        if p.live() == 0 || (p.max_pos as i64) < len {
+            return;
+        }
+        let page = Arc::make_mut(p);
+        let lay = m.layout(page.bits).clone();
+        let mut w = page.start;
+        for u in page.start..page.len {
+            if (page.positions()[u] as i64) < len {
+                if w != u {
+                    move_slot(page, &lay, u, w);
+                }
+                w += 1;
+            }
+        }
+        page.len = w;
+        page.refresh_range();
+    };
+    seq.pages.retain(|p| p.live() > 0 && keep(p));
+    seq.pages.iter_mut().for_each(fix);
+    seq.window.retain(|p| p.live() > 0 && keep(p));
+    seq.window.iter_mut().for_each(fix);
+    seq.open = [None; 5];
+    seq.next_pos = seq.next_pos.min(len);
+}

@@ -15,15 +15,19 @@
 //! Work is split over sequences, query blocks and page ranges (split-K); partial softmax
 //! states are merged exactly.
 
+// Kernels index several arrays with one counter; iterator chains would hide that from
+// LLVM's vectorizer and from the reader.
+#![allow(clippy::needless_range_loop)]
+
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::hadamard::cols_body;
 use crate::page::{Layout, Page};
-use crate::quant::{affine_f16_vec, affine_scalar, unpack_row_f32};
+use crate::quant::{affine_scalar, unpack_row_f32};
 use crate::rope::sincos_f32_angle;
 use crate::rotation::Mode;
-use crate::simd::{self, madd, multiversion, Level};
+use crate::simd::{self, f16_to_f32, madd, multiversion, Level};
 use crate::store::{KVStore, Meta};
 use crate::tensor::{OutData, View4};
 
@@ -338,12 +342,58 @@ fn run_item_body<const FMA: bool>(ctx: &Ctx, it: &Item) -> Partial {
     }
 }
 
+/// Key scales and zeros of one head of a page, converted to f32 once per page.
+struct HeadParams<const CAP: usize> {
+    /// Per-token layout: `[D/g][CAP]`.
+    s: Vec<[f32; CAP]>,
+    z: Vec<[f32; CAP]>,
+    /// Per-channel layout: `[D]`.
+    cs: Vec<f32>,
+    cz: Vec<f32>,
+}
+
+impl<const CAP: usize> HeadParams<CAP> {
+    fn new(ng: usize, d: usize) -> Self {
+        HeadParams {
+            s: vec![[0.0; CAP]; ng],
+            z: vec![[0.0; CAP]; ng],
+            cs: vec![0.0; d],
+            cz: vec![0.0; d],
+        }
+    }
+
+    #[inline(always)]
+    fn load(&mut self, m: &Meta, page: &Page, lay: &Layout, h: usize) {
+        let base = lay.head(h);
+        let d = m.d;
+        if lay.per_channel {
+            for (o, x) in self.cs.iter_mut().zip(page.u16s(base + lay.k_scale, d)) {
+                *o = f16_to_f32(*x);
+            }
+            for (o, x) in self.cz.iter_mut().zip(page.u16s(base + lay.k_zero, d)) {
+                *o = f16_to_f32(*x);
+            }
+        } else {
+            let ng = d / m.group;
+            let sc = page.u16s(base + lay.k_scale, ng * CAP);
+            let zr = page.u16s(base + lay.k_zero, ng * CAP);
+            for gi in 0..ng {
+                for t in 0..CAP {
+                    self.s[gi][t] = f16_to_f32(sc[gi * CAP + t]);
+                    self.z[gi][t] = f16_to_f32(zr[gi * CAP + t]);
+                }
+            }
+        }
+    }
+}
+
 /// Dequantizes key channel `c` of head `h` of a page into `out` (all `CAP` slots).
 #[inline(always)]
 fn key_row<const FMA: bool, const CAP: usize>(
     m: &Meta,
     page: &Page,
     lay: &Layout,
+    hp: &HeadParams<CAP>,
     h: usize,
     c: usize,
     out: &mut [f32; CAP],
@@ -360,15 +410,79 @@ fn key_row<const FMA: bool, const CAP: usize>(
     let off = base + c * lay.k_row;
     unpack_row_f32(&page.bytes()[off..off + lay.k_row], page.bits, out);
     if lay.per_channel {
-        let s = crate::simd::f16_to_f32(page.u16s(base + lay.k_scale, m.d)[c]);
-        let z = crate::simd::f16_to_f32(page.u16s(base + lay.k_zero, m.d)[c]);
-        affine_scalar::<FMA>(out, s, z);
+        affine_scalar::<FMA>(out, hp.cs[c], hp.cz[c]);
     } else {
         let gi = c / m.group;
-        let ng = m.d / m.group;
-        let s = &page.u16s(base + lay.k_scale, ng * CAP)[gi * CAP..(gi + 1) * CAP];
-        let z = &page.u16s(base + lay.k_zero, ng * CAP)[gi * CAP..(gi + 1) * CAP];
-        affine_f16_vec::<FMA>(out, s, z);
+        let (s, z) = (&hp.s[gi], &hp.z[gi]);
+        for t in 0..CAP {
+            out[t] = madd::<FMA>(out[t], s[t], z[t]);
+        }
+    }
+}
+
+/// Scores of up to four query rows against a quantized page's keys in the stored basis,
+/// straight from the codes: with `k = s*code + z` per group,
+/// `q·k = Σ_groups s * (q·code) + z * Σq` (per channel: `Σ (q*s)·code + Σ q*z`).
+#[inline(always)]
+fn scores_direct<const FMA: bool, const CAP: usize>(
+    m: &Meta,
+    page: &Page,
+    lay: &Layout,
+    hp: &HeadParams<CAP>,
+    kh: usize,
+    qs: &[&[f32]],
+    out: &mut [[f32; CAP]],
+) {
+    let (d, g) = (m.d, m.group);
+    let base = lay.head(kh);
+    let bytes = page.bytes();
+    let k = qs.len();
+    let q4 = [qs[0], qs[1 % k], qs[2 % k], qs[3 % k]];
+    let mut codes = [0f32; CAP];
+    let mut acc = [[0f32; CAP]; 4];
+    if lay.per_channel {
+        let mut consts = [0f32; 4];
+        for c in 0..d {
+            let off = base + c * lay.k_row;
+            unpack_row_f32(&bytes[off..off + lay.k_row], page.bits, &mut codes);
+            for x in 0..4 {
+                let qc = q4[x][c] * hp.cs[c];
+                consts[x] = madd::<FMA>(q4[x][c], hp.cz[c], consts[x]);
+                for t in 0..CAP {
+                    acc[x][t] = madd::<FMA>(qc, codes[t], acc[x][t]);
+                }
+            }
+        }
+        for x in 0..k {
+            for t in 0..CAP {
+                out[x][t] = acc[x][t] + consts[x];
+            }
+        }
+        return;
+    }
+    for o in out.iter_mut().take(k) {
+        *o = [0.0; CAP];
+    }
+    for gi in 0..d / g {
+        acc = [[0f32; CAP]; 4];
+        let mut qsum = [0f32; 4];
+        for c in gi * g..(gi + 1) * g {
+            let off = base + c * lay.k_row;
+            unpack_row_f32(&bytes[off..off + lay.k_row], page.bits, &mut codes);
+            for x in 0..4 {
+                let qc = q4[x][c];
+                qsum[x] += qc;
+                for t in 0..CAP {
+                    acc[x][t] = madd::<FMA>(qc, codes[t], acc[x][t]);
+                }
+            }
+        }
+        let (s, z) = (&hp.s[gi], &hp.z[gi]);
+        for x in 0..k {
+            for t in 0..CAP {
+                out[x][t] = madd::<FMA>(s[t], acc[x][t], madd::<FMA>(z[t], qsum[x], out[x][t]));
+            }
+        }
     }
 }
 
@@ -395,15 +509,92 @@ fn value_row<const FMA: bool>(
     let off = base + lay.v_codes + u * lay.v_row;
     unpack_row_f32(&page.bytes()[off..off + lay.v_row], page.bits, out);
     let ng = d / m.group;
-    let s = &page.u16s(base + lay.v_scale + u * ng * 2, ng);
-    let z = &page.u16s(base + lay.v_zero + u * ng * 2, ng);
+    let s = page.u16s(base + lay.v_scale + u * ng * 2, ng);
+    let z = page.u16s(base + lay.v_zero + u * ng * 2, ng);
     for (gi, grp) in out.chunks_exact_mut(m.group).enumerate() {
-        affine_scalar::<FMA>(
-            grp,
-            crate::simd::f16_to_f32(s[gi]),
-            crate::simd::f16_to_f32(z[gi]),
-        );
+        affine_scalar::<FMA>(grp, f16_to_f32(s[gi]), f16_to_f32(z[gi]));
     }
+}
+
+/// Sets scores of slots that are dead or not visible to `-inf`.
+#[inline(always)]
+fn mask_row<const CAP: usize>(
+    s: &mut [f32; CAP],
+    pos: &[i32],
+    start: usize,
+    len: usize,
+    lo: i32,
+    hi: i32,
+) {
+    let pos = &pos[..CAP];
+    for u in 0..CAP {
+        let p = pos[u];
+        let vis = (u >= start) & (u < len) & (p <= hi) & (p >= lo);
+        s[u] = if vis { s[u] } else { f32::NEG_INFINITY };
+    }
+}
+
+/// `rows[r][c0..c0+W] += Σ_u p[r][u] * vt[u][c0..c0+W]` for every row, 4 rows at a time.
+#[inline(always)]
+fn pv_block<const FMA: bool, const CAP: usize, const W: usize>(
+    sc: &[[f32; CAP]],
+    vt: &[f32],
+    d: usize,
+    c0: usize,
+    start: usize,
+    len: usize,
+    rows: &mut [f32],
+) {
+    let nr = sc.len();
+    let mut r = 0;
+    while r < nr {
+        let k = (nr - r).min(4);
+        let p4 = [&sc[r], &sc[r + 1 % k], &sc[r + 2 % k], &sc[r + 3 % k]];
+        let mut acc = [[0f32; W]; 4];
+        for u in start..len {
+            let v: &[f32; W] = vt[u * d + c0..u * d + c0 + W]
+                .try_into()
+                .expect("W channels");
+            for x in 0..4 {
+                let p = p4[x][u];
+                for c in 0..W {
+                    acc[x][c] = madd::<FMA>(p, v[c], acc[x][c]);
+                }
+            }
+        }
+        for x in 0..k {
+            let dst = &mut rows[(r + x) * d + c0..(r + x) * d + c0 + W];
+            for c in 0..W {
+                dst[c] += acc[x][c];
+            }
+        }
+        r += k;
+    }
+}
+
+/// Max and sum of a score row, in 16 lanes so that the reductions vectorize.
+#[inline(always)]
+fn row_max<const CAP: usize>(s: &[f32; CAP]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 16];
+    for ch in s.chunks_exact(16) {
+        for i in 0..16 {
+            m[i] = m[i].max(ch[i]);
+        }
+    }
+    m.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+#[inline(always)]
+fn exp_row<const CAP: usize>(s: &mut [f32; CAP], mx: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    for ch in s.chunks_exact_mut(16) {
+        for i in 0..16 {
+            let p = exp_f32(ch[i] - mx);
+            ch[i] = p;
+            acc[i] += p;
+        }
+    }
+    acc.iter().sum()
 }
 
 #[inline(always)]
@@ -415,7 +606,9 @@ fn run_tiles<const FMA: bool, const CAP: usize>(ctx: &Ctx, it: &Item) -> Partial
     let gh = plan.group_heads;
     let gl = gh * d;
     let ng = hkv / gh;
+    let ngrp = d / m.group;
     let rows = hq * it.tqn;
+    let nr = gqa * it.tqn;
     let mut part = Partial::new(rows, d);
     let perm = &plan.key_perm[ctx.layer];
     let pre_rope = plan.mode == Mode::PreRope;
@@ -424,12 +617,18 @@ fn run_tiles<const FMA: bool, const CAP: usize>(ctx: &Ctx, it: &Item) -> Partial
     let mut tile = vec![[0f32; CAP]; gl];
     let mut cos = vec![[0f32; CAP]; half];
     let mut sin = vec![[0f32; CAP]; half];
-    let rows_g = gh * gqa * it.tqn;
-    let mut scores = vec![[0f32; CAP]; rows_g];
-    let mut vrow = vec![0f32; d];
+    let mut scores = vec![[0f32; CAP]; gh * nr];
+    let mut hps: Vec<HeadParams<CAP>> = (0..gh).map(|_| HeadParams::new(ngrp, d)).collect();
+    let mut vt = vec![0f32; CAP * d];
     let qpos = &ctx.qpos[it.b * tq + it.tq0..it.b * tq + it.tq0 + it.tqn];
     let qmax = qpos.iter().copied().max().unwrap_or(0);
     let qmin = qpos.iter().copied().min().unwrap_or(0);
+    let q_of = |src: &'_ [f32], kh: usize, r: usize| -> std::ops::Range<usize> {
+        let (rep, t) = (r / it.tqn, r % it.tqn);
+        let o = ((it.b * hq + kh * gqa + rep) * tq + it.tq0 + t) * d;
+        let _ = src;
+        o..o + d
+    };
     for page in &ctx.pages[it.b][it.p0..it.p1] {
         if ctx.causal && page.min_pos > qmax {
             continue;
@@ -442,117 +641,150 @@ fn run_tiles<const FMA: bool, const CAP: usize>(ctx: &Ctx, it: &Item) -> Partial
         let lay = m.layout(page.bits);
         let quant = page.bits < 16;
         let pos = page.positions();
-        if pre_rope {
-            let r = rope.expect("pre_rope store has RoPE");
-            for i in 0..half {
-                let f = r.inv_freq[i];
-                for t in 0..CAP {
-                    let (c, s) = sincos_f32_angle(pos[t] as f32 * f);
-                    cos[i][t] = c * r.scaling;
-                    sin[i][t] = s * r.scaling;
-                }
-            }
-        }
+        let mut rope_ready = false;
         let use_rot_q = quant && ctx.q_rot.is_some();
+        let direct = use_rot_q && nr <= 8;
         for g in 0..ng {
-            // 1. Keys of the group's heads, channel-major, in the basis the queries use.
-            if quant && !use_rot_q {
-                for j in 0..gl {
-                    let dst = perm[g * gl + j] as usize;
-                    key_row::<FMA, CAP>(m, page, lay, g * gh + j / d, j % d, &mut tile[dst]);
-                }
-                if let Some(h) = &m.had_k {
-                    cols_body::<FMA>(h, tile.as_flattened_mut(), CAP, true);
-                }
-            } else {
-                for j in 0..gl {
-                    key_row::<FMA, CAP>(m, page, lay, g * gh + j / d, j % d, &mut tile[j]);
+            if quant {
+                for (hh, hp) in hps.iter_mut().enumerate() {
+                    hp.load(m, page, lay, g * gh + hh);
                 }
             }
-            if pre_rope {
-                for hh in 0..gh {
-                    for i in 0..half {
-                        let (lo, hi) = tile.split_at_mut(hh * d + i + half);
-                        let a = &mut lo[hh * d + i];
-                        let bb = &mut hi[0];
-                        let (c, s) = (&cos[i], &sin[i]);
-                        for t in 0..CAP {
-                            let (x, y) = (a[t], bb[t]);
-                            a[t] = x * c[t] - y * s[t];
-                            bb[t] = y * c[t] + x * s[t];
-                        }
-                    }
-                }
-            }
-            // 2. Scores, four query rows at a time.
-            let qsrc = if use_rot_q {
-                ctx.q_rot.as_ref().expect("rotated queries")
-            } else {
-                &ctx.q
-            };
-            for hh in 0..gh {
-                let kh = g * gh + hh;
-                let nr = gqa * it.tqn;
-                let qrow = |r: usize| -> &[f32] {
-                    let (rep, t) = (r / it.tqn, r % it.tqn);
-                    let h = kh * gqa + rep;
-                    let o = ((it.b * hq + h) * tq + it.tq0 + t) * d;
-                    &qsrc[o..o + d]
-                };
+            // 1. Scores of every row of the group's heads.
+            if direct {
+                let qsrc = ctx.q_rot.as_deref().expect("rotated queries");
+                let kh = g;
                 let mut r = 0;
                 while r < nr {
                     let k = (nr - r).min(4);
-                    let mut acc = [[0f32; CAP]; 4];
-                    let qs = [
-                        qrow(r),
-                        qrow(r + (1 % k)),
-                        qrow(r + (2 % k)),
-                        qrow(r + (3 % k)),
-                    ];
-                    for c in 0..d {
-                        let row = &tile[hh * d + c];
-                        for x in 0..4 {
-                            let qc = qs[x][c];
+                    let qs: Vec<&[f32]> = (r..r + k).map(|x| &qsrc[q_of(qsrc, kh, x)]).collect();
+                    scores_direct::<FMA, CAP>(
+                        m,
+                        page,
+                        lay,
+                        &hps[0],
+                        kh,
+                        &qs,
+                        &mut scores[r..r + k],
+                    );
+                    r += k;
+                }
+            } else {
+                if pre_rope && !rope_ready {
+                    let r = rope.expect("pre_rope store has RoPE");
+                    // Locals only, so that LLVM sees no aliasing and vectorizes over tokens.
+                    let scaling = r.scaling;
+                    let pf: [f32; CAP] = std::array::from_fn(|t| pos[t] as f32);
+                    for i in 0..half {
+                        let f = r.inv_freq[i];
+                        let mut cc = [0f32; CAP];
+                        let mut ss = [0f32; CAP];
+                        for t in 0..CAP {
+                            let (c, s) = sincos_f32_angle(pf[t] * f);
+                            cc[t] = c * scaling;
+                            ss[t] = s * scaling;
+                        }
+                        cos[i] = cc;
+                        sin[i] = ss;
+                    }
+                    rope_ready = true;
+                }
+                if quant && !use_rot_q {
+                    for j in 0..gl {
+                        let dst = perm[g * gl + j] as usize;
+                        let hh = j / d;
+                        key_row::<FMA, CAP>(
+                            m,
+                            page,
+                            lay,
+                            &hps[hh],
+                            g * gh + hh,
+                            j % d,
+                            &mut tile[dst],
+                        );
+                    }
+                    if let Some(h) = &m.had_k {
+                        cols_body::<FMA>(h, tile.as_flattened_mut(), CAP, true);
+                    }
+                } else {
+                    for j in 0..gl {
+                        let hh = j / d;
+                        key_row::<FMA, CAP>(
+                            m,
+                            page,
+                            lay,
+                            &hps[hh],
+                            g * gh + hh,
+                            j % d,
+                            &mut tile[j],
+                        );
+                    }
+                }
+                if pre_rope && !use_rot_q {
+                    for hh in 0..gh {
+                        for i in 0..half {
+                            let (lo, hi) = tile.split_at_mut(hh * d + i + half);
+                            let a = &mut lo[hh * d + i];
+                            let bb = &mut hi[0];
+                            let (c, s) = (&cos[i], &sin[i]);
                             for t in 0..CAP {
-                                acc[x][t] = madd::<FMA>(qc, row[t], acc[x][t]);
+                                let (x, y) = (a[t], bb[t]);
+                                a[t] = x * c[t] - y * s[t];
+                                bb[t] = y * c[t] + x * s[t];
                             }
                         }
                     }
-                    for x in 0..k {
-                        scores[hh * nr + r + x] = acc[x];
+                }
+                let qsrc: &[f32] = if use_rot_q {
+                    ctx.q_rot.as_deref().expect("rotated queries")
+                } else {
+                    &ctx.q
+                };
+                for hh in 0..gh {
+                    let kh = g * gh + hh;
+                    let mut r = 0;
+                    while r < nr {
+                        let k = (nr - r).min(4);
+                        let q4: [&[f32]; 4] =
+                            std::array::from_fn(|x| &qsrc[q_of(qsrc, kh, r + x % k)]);
+                        let mut acc = [[0f32; CAP]; 4];
+                        for c in 0..d {
+                            let row = &tile[hh * d + c];
+                            for x in 0..4 {
+                                let qc = q4[x][c];
+                                for t in 0..CAP {
+                                    acc[x][t] = madd::<FMA>(qc, row[t], acc[x][t]);
+                                }
+                            }
+                        }
+                        scores[hh * nr + r..hh * nr + r + k].copy_from_slice(&acc[..k]);
+                        r += k;
                     }
-                    r += k;
                 }
             }
-            // 3. Mask, soft-cap, online softmax.
+            // 2. Mask, soft-cap, online softmax.
             let mut any = false;
             for hh in 0..gh {
                 let kh = g * gh + hh;
-                let nr = gqa * it.tqn;
                 for r in 0..nr {
-                    let (rep, t) = (r / it.tqn, r % it.tqn);
-                    let h = kh * gqa + rep;
-                    let prow = h * it.tqn + t;
+                    let t = r % it.tqn;
+                    let prow = kh * nr + r;
                     let qp = qpos[t];
+                    let hi = if ctx.causal { qp } else { i32::MAX };
+                    let lo = match ctx.window {
+                        Some(w) => (qp as i64 - w as i64 + 1).max(i32::MIN as i64) as i32,
+                        None => i32::MIN,
+                    };
                     let s = &mut scores[hh * nr + r];
-                    let mut mx = f32::NEG_INFINITY;
-                    for u in 0..CAP {
-                        let mut v = s[u];
-                        if let Some(cap) = ctx.softcap {
-                            v = cap * (v / cap).tanh();
+                    if let Some(cap) = ctx.softcap {
+                        for v in s.iter_mut() {
+                            *v = cap * (*v / cap).tanh();
                         }
-                        let live = u >= page.start && u < page.len;
-                        let vis = live
-                            && (!ctx.causal || pos[u] <= qp)
-                            && ctx
-                                .window
-                                .is_none_or(|w| (qp as i64 - pos[u] as i64) < w as i64);
-                        v = if vis { v } else { f32::NEG_INFINITY };
-                        s[u] = v;
-                        mx = mx.max(v);
                     }
+                    mask_row(s, pos, page.start, page.len, lo, hi);
+                    let mx = row_max(s);
                     if mx == f32::NEG_INFINITY {
-                        s.fill(0.0);
+                        *s = [0.0; CAP];
                         continue;
                     }
                     any = true;
@@ -569,45 +801,35 @@ fn run_tiles<const FMA: bool, const CAP: usize>(ctx: &Ctx, it: &Item) -> Partial
                             .for_each(|x| *x *= corr);
                         part.m[prow] = mnew;
                     }
-                    let mut sum = 0.0;
-                    for u in 0..CAP {
-                        let p = exp_f32(s[u] - mnew);
-                        s[u] = p;
-                        sum += p;
-                    }
-                    part.l[prow] += sum;
+                    part.l[prow] += exp_row(s, mnew);
                 }
             }
             if !any {
                 continue;
             }
-            // 4. Values, one token row at a time, into the matching basis.
-            let rotated_v = quant && m.had_v.is_some();
+            // 3. Values: the page's value rows are dequantized once into a token-major tile
+            // shared by every query row; the weighted sum keeps blocks of 4 rows x 64
+            // channels in registers across the page's tokens.
+            let acc = if quant && m.had_v.is_some() {
+                &mut part.rot
+            } else {
+                &mut part.plain
+            };
             for hh in 0..gh {
                 let kh = g * gh + hh;
-                let nr = gqa * it.tqn;
                 for u in page.start..page.len {
-                    if (0..nr).all(|r| scores[hh * nr + r][u] == 0.0) {
-                        continue;
-                    }
-                    value_row::<FMA>(m, page, lay, kh, u, &mut vrow);
-                    let acc = if rotated_v {
-                        &mut part.rot
-                    } else {
-                        &mut part.plain
-                    };
-                    for r in 0..nr {
-                        let p = scores[hh * nr + r][u];
-                        if p == 0.0 {
-                            continue;
-                        }
-                        let (rep, t) = (r / it.tqn, r % it.tqn);
-                        let prow = (kh * gqa + rep) * it.tqn + t;
-                        let dst = &mut acc[prow * d..(prow + 1) * d];
-                        for c in 0..d {
-                            dst[c] = madd::<FMA>(p, vrow[c], dst[c]);
-                        }
-                    }
+                    value_row::<FMA>(m, page, lay, kh, u, &mut vt[u * d..(u + 1) * d]);
+                }
+                let sc = &scores[hh * nr..(hh + 1) * nr];
+                let rows = &mut acc[kh * nr * d..(kh + 1) * nr * d];
+                let mut c0 = 0;
+                while c0 + 64 <= d {
+                    pv_block::<FMA, CAP, 64>(sc, &vt, d, c0, page.start, page.len, rows);
+                    c0 += 64;
+                }
+                while c0 < d {
+                    pv_block::<FMA, CAP, 8>(sc, &vt, d, c0, page.start, page.len, rows);
+                    c0 += 8;
                 }
             }
         }

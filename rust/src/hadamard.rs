@@ -198,10 +198,30 @@ pub(crate) fn cols_body<const FMA: bool>(h: &Hadamard, x: &mut [f32], w: usize, 
     let n = h.n;
     assert_eq!(x.len(), n * w, "hadamard block length");
     let p = h.pow2;
-    // Butterflies of Sylvester's matrix inside each of the m blocks of p rows.
+    // Butterflies of Sylvester's matrix inside each of the m blocks of p rows, two stages
+    // per pass (radix 4) to halve the passes over a block that may not fit in L1.
     for blk in x.chunks_exact_mut(p * w) {
         let mut len = 1;
-        while len < p {
+        while 2 * len < p {
+            for i in (0..p).step_by(4 * len) {
+                for j in i..i + len {
+                    let (r0, rest) = blk[j * w..].split_at_mut(len * w);
+                    let (r1, rest) = rest.split_at_mut(len * w);
+                    let (r2, rest) = rest.split_at_mut(len * w);
+                    let (a, b, c, d) = (&mut r0[..w], &mut r1[..w], &mut r2[..w], &mut rest[..w]);
+                    for col in 0..w {
+                        let (s0, d0) = (a[col] + b[col], a[col] - b[col]);
+                        let (s1, d1) = (c[col] + d[col], c[col] - d[col]);
+                        a[col] = s0 + s1;
+                        b[col] = d0 + d1;
+                        c[col] = s0 - s1;
+                        d[col] = d0 - d1;
+                    }
+                }
+            }
+            len *= 4;
+        }
+        if len < p {
             for i in (0..p).step_by(2 * len) {
                 for j in i..i + len {
                     let (lo, hi) = blk.split_at_mut((j + len) * w);
@@ -214,7 +234,6 @@ pub(crate) fn cols_body<const FMA: bool>(h: &Hadamard, x: &mut [f32], w: usize, 
                     }
                 }
             }
-            len *= 2;
         }
     }
     if h.m > 1 {

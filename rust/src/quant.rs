@@ -153,8 +153,45 @@ pub fn unpack_row(bytes: &[u8], bits: u8, out: &mut [u8]) {
     }
 }
 
+/// Unpacks `W` bytes of a 2-bit row (codes `j0..j0+W` of each of the four planes).
+#[inline(always)]
+fn unpack2_chunk<const W: usize>(b: &[u8], out: &mut [f32], j0: usize, q: usize) {
+    let b: &[u8; W] = b[j0..j0 + W].try_into().expect("W bytes");
+    let mut o = [[0f32; W]; 4];
+    for j in 0..W {
+        let x = b[j] as u32;
+        o[0][j] = (x & 3) as f32;
+        o[1][j] = ((x >> 2) & 3) as f32;
+        o[2][j] = ((x >> 4) & 3) as f32;
+        o[3][j] = (x >> 6) as f32;
+    }
+    for (s, plane) in o.iter().enumerate() {
+        out[s * q + j0..s * q + j0 + W].copy_from_slice(plane);
+    }
+}
+
+/// Unpacks a 2-bit row of `out.len()` codes to f32, in fixed-width chunks so that LLVM
+/// emits byte-to-lane widening and vector shifts.
+#[inline(always)]
+fn unpack2_f32(bytes: &[u8], out: &mut [f32]) {
+    let q = out.len() / 4;
+    let mut j = 0;
+    while j + 16 <= q {
+        unpack2_chunk::<16>(bytes, out, j, q);
+        j += 16;
+    }
+    while j + 8 <= q {
+        unpack2_chunk::<8>(bytes, out, j, q);
+        j += 8;
+    }
+    while j < q {
+        unpack2_chunk::<1>(bytes, out, j, q);
+        j += 1;
+    }
+}
+
 /// Unpacks a row of `out.len()` codes straight to f32 (vectorizable; inlined into the
-/// multiversioned kernels).
+/// multiversioned kernels, so it must not recurse).
 #[inline(always)]
 pub fn unpack_row_f32(bytes: &[u8], bits: u8, out: &mut [f32]) {
     let n = out.len();
@@ -168,22 +205,14 @@ pub fn unpack_row_f32(bytes: &[u8], bits: u8, out: &mut [f32]) {
             let q = n / 2;
             let (lo, hi) = out.split_at_mut(q);
             for j in 0..q {
-                lo[j] = (bytes[j] & 15) as f32;
-                hi[j] = (bytes[j] >> 4) as f32;
+                let x = bytes[j] as u32;
+                lo[j] = (x & 15) as f32;
+                hi[j] = (x >> 4) as f32;
             }
         }
-        2 => {
-            let q = n / 4;
-            let b = &bytes[..q];
-            for (s, o) in out.chunks_exact_mut(q).enumerate() {
-                let sh = 2 * s as u32;
-                for j in 0..q {
-                    o[j] = ((b[j] >> sh) & 3) as f32;
-                }
-            }
-        }
+        2 => unpack2_f32(bytes, out),
         3 => {
-            unpack_row_f32(&bytes[..n / 4], 2, out);
+            unpack2_f32(&bytes[..n / 4], out);
             let q = n / 8;
             let high = &bytes[n / 4..n / 4 + q];
             for (s, o) in out.chunks_exact_mut(q).enumerate() {

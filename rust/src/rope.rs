@@ -71,7 +71,9 @@ pub fn sincos_f32_angle(x: f32) -> (f32, f32) {
     const PIO2_1: f64 = 1.570_796_326_734_125_6; // first 33 bits of pi/2
     const PIO2_1T: f64 = 6.077_100_506_506_192e-11; // pi/2 - PIO2_1
     let x = x as f64;
-    let k = (x * std::f64::consts::FRAC_2_PI).round();
+    // floor(x + 0.5) and float-only quadrant logic keep the loop vectorizable (`round` and
+    // saturating `as i64` casts do not vectorize well).
+    let k = (x * std::f64::consts::FRAC_2_PI + 0.5).floor();
     let r = (x - k * PIO2_1) - k * PIO2_1T;
     let r2 = r * r;
     let s = r
@@ -83,9 +85,11 @@ pub fn sincos_f32_angle(x: f32) -> (f32, f32) {
         + r2 * (-0.5
             + r2 * (1.0 / 24.0
                 + r2 * (-1.0 / 720.0 + r2 * (1.0 / 40_320.0 + r2 * (-1.0 / 3_628_800.0)))));
-    let q = (k as i64) & 3;
-    let (sv, cv) = if q & 1 == 1 { (c, -s) } else { (s, c) };
-    let (sv, cv) = if q & 2 == 2 { (-sv, -cv) } else { (sv, cv) };
+    let q = k - 4.0 * (k * 0.25).floor(); // 0, 1, 2 or 3
+    let odd = q == 1.0 || q == 3.0;
+    let (sv, cv) = (if odd { c } else { s }, if odd { -s } else { c });
+    let neg = q >= 2.0;
+    let (sv, cv) = (if neg { -sv } else { sv }, if neg { -cv } else { cv });
     (cv as f32, sv as f32)
 }
 

@@ -191,9 +191,9 @@ fn build(case: &Case, rng: &mut Rng) -> (KVStore, Vec<i32>) {
         }
     }
     let mut qpos = Vec::new();
-    for b in 0..c.batch {
+    for nb in &next {
         for t in 0..c.tq {
-            qpos.push((next[b] - c.tq as i64 + t as i64).max(0) as i32);
+            qpos.push((nb - c.tq as i64 + t as i64).max(0) as i32);
         }
     }
     (store, qpos)

@@ -378,10 +378,10 @@ impl<const CAP: usize> HeadParams<CAP> {
             let sc = page.u16s(base + lay.k_scale, ng * CAP);
             let zr = page.u16s(base + lay.k_zero, ng * CAP);
             for gi in 0..ng {
-                for t in 0..CAP {
-                    self.s[gi][t] = f16_to_f32(sc[gi * CAP + t]);
-                    self.z[gi][t] = f16_to_f32(zr[gi * CAP + t]);
-                }
+                let s16: &[u16; CAP] = sc[gi * CAP..(gi + 1) * CAP].try_into().expect("CAP scales");
+                let z16: &[u16; CAP] = zr[gi * CAP..(gi + 1) * CAP].try_into().expect("CAP zeros");
+                self.s[gi] = std::array::from_fn(|t| f16_to_f32(s16[t]));
+                self.z[gi] = std::array::from_fn(|t| f16_to_f32(z16[t]));
             }
         }
     }
@@ -389,7 +389,7 @@ impl<const CAP: usize> HeadParams<CAP> {
 
 /// Dequantizes key channel `c` of head `h` of a page into `out` (all `CAP` slots).
 #[inline(always)]
-fn key_row<const FMA: bool, const CAP: usize>(
+fn key_row<const FMA: bool, const CAP: usize, const B: u8>(
     m: &Meta,
     page: &Page,
     lay: &Layout,
@@ -399,7 +399,7 @@ fn key_row<const FMA: bool, const CAP: usize>(
     out: &mut [f32; CAP],
 ) {
     let base = lay.head(h);
-    if page.bits == 16 {
+    if B == 16 {
         let src = page.u16s(base + c * CAP * 2, CAP);
         let fmt = m.cfg.fp_format;
         for (o, s) in out.iter_mut().zip(src) {
@@ -408,7 +408,7 @@ fn key_row<const FMA: bool, const CAP: usize>(
         return;
     }
     let off = base + c * lay.k_row;
-    unpack_row_f32(&page.bytes()[off..off + lay.k_row], page.bits, out);
+    unpack_row_f32(&page.bytes()[off..off + lay.k_row], B, out);
     if lay.per_channel {
         affine_scalar::<FMA>(out, hp.cs[c], hp.cz[c]);
     } else {
@@ -420,11 +420,34 @@ fn key_row<const FMA: bool, const CAP: usize>(
     }
 }
 
+/// Dequantizes the keys of head group `g` into `tile` (`[group_heads * D][CAP]`), row
+/// `perm[j]` receiving stored channel `j` when a permutation is given.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn key_tile<const FMA: bool, const CAP: usize, const B: u8>(
+    m: &Meta,
+    page: &Page,
+    lay: &Layout,
+    hps: &[HeadParams<CAP>],
+    g: usize,
+    perm: Option<&[u32]>,
+    tile: &mut [[f32; CAP]],
+) {
+    let d = m.d;
+    let gh = hps.len();
+    let gl = gh * d;
+    for j in 0..gl {
+        let dst = perm.map_or(j, |p| p[g * gl + j] as usize);
+        let hh = j / d;
+        key_row::<FMA, CAP, B>(m, page, lay, &hps[hh], g * gh + hh, j % d, &mut tile[dst]);
+    }
+}
+
 /// Scores of up to four query rows against a quantized page's keys in the stored basis,
 /// straight from the codes: with `k = s*code + z` per group,
 /// `q·k = Σ_groups s * (q·code) + z * Σq` (per channel: `Σ (q*s)·code + Σ q*z`).
 #[inline(always)]
-fn scores_direct<const FMA: bool, const CAP: usize>(
+fn scores_direct<const FMA: bool, const CAP: usize, const B: u8>(
     m: &Meta,
     page: &Page,
     lay: &Layout,
@@ -444,7 +467,7 @@ fn scores_direct<const FMA: bool, const CAP: usize>(
         let mut consts = [0f32; 4];
         for c in 0..d {
             let off = base + c * lay.k_row;
-            unpack_row_f32(&bytes[off..off + lay.k_row], page.bits, &mut codes);
+            unpack_row_f32(&bytes[off..off + lay.k_row], B, &mut codes);
             for x in 0..4 {
                 let qc = q4[x][c] * hp.cs[c];
                 consts[x] = madd::<FMA>(q4[x][c], hp.cz[c], consts[x]);
@@ -468,7 +491,7 @@ fn scores_direct<const FMA: bool, const CAP: usize>(
         let mut qsum = [0f32; 4];
         for c in gi * g..(gi + 1) * g {
             let off = base + c * lay.k_row;
-            unpack_row_f32(&bytes[off..off + lay.k_row], page.bits, &mut codes);
+            unpack_row_f32(&bytes[off..off + lay.k_row], B, &mut codes);
             for x in 0..4 {
                 let qc = q4[x][c];
                 qsum[x] += qc;
@@ -488,7 +511,7 @@ fn scores_direct<const FMA: bool, const CAP: usize>(
 
 /// Dequantizes value row (slot `u`) of head `h` into `out` (`D` channels).
 #[inline(always)]
-fn value_row<const FMA: bool>(
+fn value_row<const FMA: bool, const B: u8>(
     m: &Meta,
     page: &Page,
     lay: &Layout,
@@ -498,7 +521,7 @@ fn value_row<const FMA: bool>(
 ) {
     let base = lay.head(h);
     let d = m.d;
-    if page.bits == 16 {
+    if B == 16 {
         let src = page.u16s(base + lay.v_codes + u * d * 2, d);
         let fmt = m.cfg.fp_format;
         for (o, s) in out.iter_mut().zip(src) {
@@ -507,7 +530,7 @@ fn value_row<const FMA: bool>(
         return;
     }
     let off = base + lay.v_codes + u * lay.v_row;
-    unpack_row_f32(&page.bytes()[off..off + lay.v_row], page.bits, out);
+    unpack_row_f32(&page.bytes()[off..off + lay.v_row], B, out);
     let ng = d / m.group;
     let s = page.u16s(base + lay.v_scale + u * ng * 2, ng);
     let z = page.u16s(base + lay.v_zero + u * ng * 2, ng);
@@ -658,15 +681,44 @@ fn run_tiles<const FMA: bool, const CAP: usize>(ctx: &Ctx, it: &Item) -> Partial
                 while r < nr {
                     let k = (nr - r).min(4);
                     let qs: Vec<&[f32]> = (r..r + k).map(|x| &qsrc[q_of(qsrc, kh, x)]).collect();
-                    scores_direct::<FMA, CAP>(
-                        m,
-                        page,
-                        lay,
-                        &hps[0],
-                        kh,
-                        &qs,
-                        &mut scores[r..r + k],
-                    );
+                    match page.bits {
+                        2 => scores_direct::<FMA, CAP, 2>(
+                            m,
+                            page,
+                            lay,
+                            &hps[0],
+                            kh,
+                            &qs,
+                            &mut scores[r..r + k],
+                        ),
+                        3 => scores_direct::<FMA, CAP, 3>(
+                            m,
+                            page,
+                            lay,
+                            &hps[0],
+                            kh,
+                            &qs,
+                            &mut scores[r..r + k],
+                        ),
+                        4 => scores_direct::<FMA, CAP, 4>(
+                            m,
+                            page,
+                            lay,
+                            &hps[0],
+                            kh,
+                            &qs,
+                            &mut scores[r..r + k],
+                        ),
+                        _ => scores_direct::<FMA, CAP, 8>(
+                            m,
+                            page,
+                            lay,
+                            &hps[0],
+                            kh,
+                            &qs,
+                            &mut scores[r..r + k],
+                        ),
+                    };
                     r += k;
                 }
             } else {
@@ -689,35 +741,21 @@ fn run_tiles<const FMA: bool, const CAP: usize>(ctx: &Ctx, it: &Item) -> Partial
                     }
                     rope_ready = true;
                 }
+                let pm = if quant && !use_rot_q {
+                    Some(&perm[..])
+                } else {
+                    None
+                };
+                match page.bits {
+                    2 => key_tile::<FMA, CAP, 2>(m, page, lay, &hps, g, pm, &mut tile),
+                    3 => key_tile::<FMA, CAP, 3>(m, page, lay, &hps, g, pm, &mut tile),
+                    4 => key_tile::<FMA, CAP, 4>(m, page, lay, &hps, g, pm, &mut tile),
+                    8 => key_tile::<FMA, CAP, 8>(m, page, lay, &hps, g, pm, &mut tile),
+                    _ => key_tile::<FMA, CAP, 16>(m, page, lay, &hps, g, pm, &mut tile),
+                }
                 if quant && !use_rot_q {
-                    for j in 0..gl {
-                        let dst = perm[g * gl + j] as usize;
-                        let hh = j / d;
-                        key_row::<FMA, CAP>(
-                            m,
-                            page,
-                            lay,
-                            &hps[hh],
-                            g * gh + hh,
-                            j % d,
-                            &mut tile[dst],
-                        );
-                    }
                     if let Some(h) = &m.had_k {
                         cols_body::<FMA>(h, tile.as_flattened_mut(), CAP, true);
-                    }
-                } else {
-                    for j in 0..gl {
-                        let hh = j / d;
-                        key_row::<FMA, CAP>(
-                            m,
-                            page,
-                            lay,
-                            &hps[hh],
-                            g * gh + hh,
-                            j % d,
-                            &mut tile[j],
-                        );
                     }
                 }
                 if pre_rope && !use_rot_q {
@@ -818,7 +856,14 @@ fn run_tiles<const FMA: bool, const CAP: usize>(ctx: &Ctx, it: &Item) -> Partial
             for hh in 0..gh {
                 let kh = g * gh + hh;
                 for u in page.start..page.len {
-                    value_row::<FMA>(m, page, lay, kh, u, &mut vt[u * d..(u + 1) * d]);
+                    let row = &mut vt[u * d..(u + 1) * d];
+                    match page.bits {
+                        2 => value_row::<FMA, 2>(m, page, lay, kh, u, row),
+                        3 => value_row::<FMA, 3>(m, page, lay, kh, u, row),
+                        4 => value_row::<FMA, 4>(m, page, lay, kh, u, row),
+                        8 => value_row::<FMA, 8>(m, page, lay, kh, u, row),
+                        _ => value_row::<FMA, 16>(m, page, lay, kh, u, row),
+                    }
                 }
                 let sc = &scores[hh * nr..(hh + 1) * nr];
                 let rows = &mut acc[kh * nr * d..(kh + 1) * nr * d];

@@ -4,7 +4,9 @@ output error of each against a float64 reference."""
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -13,12 +15,12 @@ from . import KVStore, QuantConfig, RotationPlan
 HQ, HKV, D = 32, 8, 128
 
 
-def _time(fn: object, repeats: int) -> float:
-    fn()  # type: ignore[operator]
+def _time(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+    fn()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()  # type: ignore[operator]
+        fn()
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -45,11 +47,14 @@ def run_demo(context: int = 16384, batch: int = 1, repeats: int = 5) -> None:
     print(f"{'cache':<34}{'KV bytes':>14}{'bits/elem':>11}{'attend ms':>11}{'rel err':>10}")
     fp32_bytes = k.numel() * 4 * 2
     rows = []
-    for name, dtype in (("torch SDPA, fp32 K/V", torch.float32), ("torch SDPA, bf16 K/V", torch.bfloat16)):
+    for name, dtype in (
+        ("torch SDPA, fp32 K/V", torch.float32),
+        ("torch SDPA, bf16 K/V", torch.bfloat16),
+    ):
         kk, vv, qq = k.to(dtype), v.to(dtype), q.to(dtype)
-
-        def sdpa(kk=kk, vv=vv, qq=qq) -> torch.Tensor:
-            return torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True)
+        sdpa = functools.partial(
+            torch.nn.functional.scaled_dot_product_attention, qq, kk, vv, enable_gqa=True
+        )
 
         t = _time(sdpa, repeats)
         err = ((sdpa().double() - ref).norm() / ref.norm()).item()
@@ -66,7 +71,12 @@ def run_demo(context: int = 16384, batch: int = 1, repeats: int = 5) -> None:
         else:
             plan = RotationPlan.hadamard(1, HKV, D, mode=mode)
         store = KVStore(
-            1, HKV, D, batch_size=batch, config=QuantConfig(bits=bits), plan=plan,
+            1,
+            HKV,
+            D,
+            batch_size=batch,
+            config=QuantConfig(bits=bits),
+            plan=plan,
             rope_inv_freq=inv_freq if mode == "pre_rope" else None,
         )
         if mode == "pre_rope":
@@ -76,8 +86,7 @@ def run_demo(context: int = 16384, batch: int = 1, repeats: int = 5) -> None:
         else:
             store.append(0, k, v)
 
-        def att(store=store) -> torch.Tensor:
-            return store.attend(0, q)
+        att = functools.partial(store.attend, 0, q)
 
         t = _time(att, repeats)
         err = ((att().double() - ref).norm() / ref.norm()).item()
@@ -85,6 +94,11 @@ def run_demo(context: int = 16384, batch: int = 1, repeats: int = 5) -> None:
     for name, nbytes, bpe, t, err in rows:
         print(f"{name:<34}{nbytes:>14,}{bpe:>11.2f}{t * 1e3:>11.2f}{err:>10.4f}")
     base = rows[0][3]
+    print(
+        "rel err: |out - ref| / |ref| against float64 attention over the unquantized K/V. "
+        "I.i.d. Gaussian data\nis the worst case for 2 bits (nothing for rotation to spread); "
+        "real-model accuracy is measured on a model, not here."
+    )
     print()
     for name, nbytes, _, t, _ in rows[2:]:
         print(

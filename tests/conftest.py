@@ -17,6 +17,8 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# A longer run for local bug hunting: ROTATEKV_HYPOTHESIS_PROFILE=thorough pytest tests
+settings.register_profile("thorough", parent=settings.get_profile("rotatekv"), max_examples=400)
 settings.load_profile(os.environ.get("ROTATEKV_HYPOTHESIS_PROFILE", "rotatekv"))
 
 

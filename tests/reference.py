@@ -521,7 +521,11 @@ def decode_page(raw: np.ndarray, lay: Layout, fp_format: str = "float16") -> Dec
         vc = np.stack(
             [
                 unpack_row(
-                    raw[base + lay.v_codes + u * lay.v_row : base + lay.v_codes + (u + 1) * lay.v_row],
+                    raw[
+                        base + lay.v_codes + u * lay.v_row : base
+                        + lay.v_codes
+                        + (u + 1) * lay.v_row
+                    ],
                     lay.bits,
                     d,
                 )

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import hadamard_matrix, make_kv, paley, sylvester
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import rotatekv
+from reference import hadamard_matrix, make_kv, paley, sylvester
 from rotatekv import KVStore, QuantConfig, RotationPlan
 
 # ============================================================================================
@@ -68,14 +68,17 @@ def test_hadamard_rejects_unsupported_sizes(n):
     assert isinstance(e.value, ValueError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: rotatekv.hadamard raises a bare TypeError (\"'ndarray' object is not an "
-    "instance of 'ndarray'\") for float64 arrays and lists, not a rotatekv.DTypeError",
-)
 @pytest.mark.parametrize("x", [np.ones((2, 8)), [1.0, 2.0]], ids=["float64", "list"])
-def test_hadamard_wrong_dtype_is_a_rotatekv_error(x):
-    with pytest.raises(rotatekv.DTypeError):
+def test_hadamard_accepts_array_likes_as_float32(x):
+    want = rotatekv.hadamard(np.asarray(x, np.float32))
+    np.testing.assert_array_equal(rotatekv.hadamard(x), want)
+
+
+@pytest.mark.parametrize(
+    "x", [["a", "b"], {"x": 1}, np.float32(1.0)], ids=["str", "dict", "scalar"]
+)
+def test_hadamard_non_numeric_input_is_a_rotatekv_error(x):
+    with pytest.raises(rotatekv.RotateKVError):
         rotatekv.hadamard(x)
 
 
@@ -193,11 +196,6 @@ def test_plan_factories_validate(call, name):
     assert name in str(e.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: negative dimensions reach pyo3's usize conversion and raise OverflowError, "
-    "not a rotatekv.ArgumentError naming the argument (KVStore checks them itself)",
-)
 @pytest.mark.parametrize(
     "call",
     [
@@ -205,6 +203,7 @@ def test_plan_factories_validate(call, name):
         lambda: RotationPlan.hadamard(1, -2, 64),
         lambda: RotationPlan(1, 2, -64),
     ],
+    ids=["identity", "hadamard", "constructor"],
 )
 def test_plan_negative_dimensions_raise_argument_errors(call):
     with pytest.raises(rotatekv.ArgumentError):

@@ -10,6 +10,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
+import rotatekv
 from reference import (
     QUANT_BITS,
     apply_rope,
@@ -25,11 +27,8 @@ from reference import (
     sorted_by_position,
     tokens,
     tolerance,
-    values_from_stored,
     values_to_stored,
 )
-
-import rotatekv
 from rotatekv import KVStore, QuantConfig, RotationPlan
 
 
@@ -403,6 +402,30 @@ def test_default_positions_continue_each_sequence_with_left_padding(gen):
     assert not torch.equal(got, store.attend(0, q, positions=explicit - 1))
 
 
+def test_a_sequence_without_tokens_attends_to_nothing(gen):
+    hkv, d, t = 2, 64, 9
+    store = KVStore(1, hkv, d, batch_size=3, config=QuantConfig(bits=3))
+    k, v = make_kv(gen, 3, hkv, t, d)
+    valid = torch.ones(3, t, dtype=torch.bool)
+    valid[1] = False  # sequence 1 gets nothing
+    store.append(0, k, v, valid=valid)
+    assert store.seq_lens(0) == [t, 0, t]
+    assert store.dequantize(0, 1)[1].shape == (0, hkv, d)
+    assert store.page_buffers(0, 1) == []
+    q = torch.randn(3, hkv, 2, d, generator=gen)
+    out = store.attend(0, q)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert out[0].abs().sum() > 0
+    torch.testing.assert_close(
+        out.double(),
+        attend_reference(store, 0, q, [[t - 2, t - 1], [0, 0], [t - 2, t - 1]]),
+        **tolerance(torch.float32),
+    )
+    # Its next default position is still 0.
+    store.append(0, k[:, :, :1], v[:, :, :1])
+    assert store.dequantize(0, 1)[0].tolist() == [0]
+
+
 def test_explicit_positions_bt_and_t(gen):
     hkv, d, b, t = 1, 64, 2, 6
     store = KVStore(1, hkv, d, batch_size=b, config=QuantConfig(bits=8))
@@ -568,6 +591,29 @@ def build_and_check(
         torch.testing.assert_close(got.double(), want, **tolerance(q_dtype))
 
 
+def test_the_attention_reference_detects_a_one_code_change(gen):
+    """The comparison has power: a store whose values differ by one code in one token of one
+    head fails the tolerance used everywhere."""
+    hkv, d, t = 2, 64, 37
+    k, v = make_kv(gen, 1, hkv, t, d)
+    stores = []
+    for bump in (0.0, 1.0):
+        s = KVStore(1, hkv, d, config=QuantConfig(bits=4, group_size=32))
+        v2 = v.clone()
+        step = quantize_groups(tokens(v, 0), 4, 32).scale[t - 1, 1, 0].item()
+        v2[0, 1, t - 1, 0] += bump * 1.5 * step  # the newest token: attended to by position t-1
+        s.append(0, k * 0.1, v2)
+        stores.append(s)
+    assert not np.array_equal(stores[0].dequantize(0, 0)[2], stores[1].dequantize(0, 0)[2])
+    q = torch.randn(1, 2 * hkv, 1, d, generator=gen)
+    want = attend_reference(stores[0], 0, q, [[t - 1]])
+    torch.testing.assert_close(stores[0].attend(0, q).double(), want, **tolerance(torch.float32))
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(
+            stores[1].attend(0, q).double(), want, **tolerance(torch.float32)
+        )
+
+
 @pytest.mark.parametrize("t", [1, 3, 37, 65, 130])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_attend_odd_lengths_and_head_dims(t, d):
@@ -662,7 +708,9 @@ def attend_cases(draw: st.DrawFn) -> dict[str, object]:
         softcap=draw(st.sampled_from([None, None, 3.0])),
         scale=draw(st.sampled_from([None, None, 0.05])),
         kv_dtype=draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16])),
-        q_dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.float16, torch.bfloat16])),
+        q_dtype=draw(
+            st.sampled_from([torch.float32, torch.float32, torch.float16, torch.bfloat16])
+        ),
         partial_rope=draw(st.booleans()),
         rope_scaling=draw(st.sampled_from([1.0, 1.25])),
         fp_format=draw(st.sampled_from(["float16", "bfloat16"])),
@@ -710,10 +758,7 @@ def end_to_end_error(gen: torch.Generator, bits: int, mode: str, d: int = 128) -
     q = torch.randn(b, hkv * gqa, 1, d, generator=gen)
     got = store.attend(0, q).double()
     want = torch.stack(
-        [
-            sdpa(q[i], k_model[i], v[i], torch.tensor([t - 1]), pos, causal=True)
-            for i in range(b)
-        ]
+        [sdpa(q[i], k_model[i], v[i], torch.tensor([t - 1]), pos, causal=True) for i in range(b)]
     )
     return ((got - want).norm() / want.norm()).item()
 
@@ -738,9 +783,6 @@ def test_end_to_end_16_bits_elementwise(gen):
     store.append(0, k, v)
     q = torch.randn(1, 2 * hkv, 3, d, generator=gen)
     got = store.attend(0, q)
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q.double(), k.double(), v.double(), is_causal=False, enable_gqa=True
-    )
     # The last 3 positions see everything but the keys after them.
     mask = torch.arange(t)[None, :] <= torch.arange(t - 3, t)[:, None]
     want = torch.nn.functional.scaled_dot_product_attention(
@@ -898,9 +940,7 @@ def test_truncate_drops_positions_at_or_after_the_length(gen):
 
 
 def test_clear_removes_every_token_and_keeps_settings(gen):
-    store = KVStore(
-        2, 2, 64, batch_size=2, config=QuantConfig(bits=3, residual=4), plan=None
-    )
+    store = KVStore(2, 2, 64, batch_size=2, config=QuantConfig(bits=3, residual=4), plan=None)
     k, v = make_kv(gen, 2, 2, 40, 64)
     store.append(0, k, v)
     store.append(1, k, v)
@@ -950,6 +990,8 @@ def test_save_load_round_trip_is_bit_exact(gen, tmp_path, cfg, mode):
     path = tmp_path / "store.safetensors"
     store.save(path)
     loaded = KVStore.load(str(path))
+    # The file lists pages per sequence, so pages shared by reorder may come back unshared.
+    assert loaded.nbytes >= store.nbytes and loaded.payload_bytes == store.payload_bytes
     assert loaded.config == store.config
     assert loaded.plan == store.plan
     assert (loaded.num_layers, loaded.num_kv_heads, loaded.head_dim, loaded.batch_size) == (
@@ -971,7 +1013,6 @@ def test_save_load_round_trip_is_bit_exact(gen, tmp_path, cfg, mode):
         for x, y in zip(loaded.dequantize(0, i), store.dequantize(0, i), strict=True):
             np.testing.assert_array_equal(x, y)
     assert torch.equal(loaded.attend(0, q), store.attend(0, q))
-    assert loaded.nbytes >= store.nbytes - 2 * 64 * 1024  # shared pages may be unshared
 
 
 def test_repr_and_getters(gen):
@@ -991,3 +1032,113 @@ def test_repr_and_getters(gen):
     assert store.plan == RotationPlan.identity(3, 2, 64)
     assert "KVStore(" in repr(store) and "bits=4" in repr(store)
     assert rotatekv.__version__ == rotatekv.build_info()["version"]
+
+
+# ============================================================================================
+# Random sequences of operations against a model of the store's contents
+# ============================================================================================
+
+
+class Model:
+    """What each (layer, sequence) holds: position -> the token's possible dequantized values
+    (exactly one without a recent window; 16-bit or quantized-from-16-bit with one), and the
+    next default position."""
+
+    def __init__(self, layers: int, batch: int) -> None:
+        self.seqs: list[list[dict[int, list[tuple[torch.Tensor, torch.Tensor]]]]] = [
+            [{} for _ in range(batch)] for _ in range(layers)
+        ]
+        self.next = [[0] * batch for _ in range(layers)]
+
+
+@given(data=st.data(), residual=st.sampled_from([0, 0, 6]), seed=st.integers(0, 2**31 - 1))
+def test_random_operation_sequences(tmp_path_factory, data, residual, seed):
+    layers, hkv, d, batch, group = 2, 2, 64, 3, 32
+    gen = torch.Generator().manual_seed(seed)
+    cfg = QuantConfig(bits=2, group_size=group, residual=residual)
+    store = KVStore(layers, hkv, d, batch_size=batch, config=cfg)
+    model = Model(layers, batch)
+
+    def candidates(x: torch.Tensor, bits: int, protect: bool) -> list[torch.Tensor]:
+        if protect or bits == 16:
+            return [fp_round(x)]
+        if residual:
+            return [fp_round(x), quantize_groups(fp_round(x)[None], bits, group).deq[0]]
+        return [quantize_groups(x[None], bits, group).deq[0]]
+
+    for _ in range(data.draw(st.integers(1, 10))):
+        op = data.draw(st.sampled_from(["append", "append", "append", "truncate", "reorder",
+                                        "clear", "save"]))  # fmt: skip
+        if op == "append":
+            layer = data.draw(st.integers(0, layers - 1))
+            t = data.draw(st.sampled_from([1, 3, 37, 65]))
+            k, v = make_kv(gen, batch, hkv, t, d)
+            valid = torch.rand(batch, t, generator=gen) < 0.8
+            protect = torch.rand(batch, t, generator=gen) < 0.1
+            bits = torch.tensor([2, 3, 4, 8, 16])[torch.randint(0, 5, (batch, t), generator=gen)]
+            explicit = data.draw(st.booleans())
+            positions = None
+            if explicit:
+                positions = torch.zeros(batch, t, dtype=torch.int64)
+                for b in range(batch):
+                    idx = torch.cumsum(valid[b].long(), 0) - 1
+                    positions[b] = torch.where(valid[b], model.next[layer][b] + 2 * idx, 0)
+            store.append(layer, k, v, positions=positions, valid=valid, protect=protect, bits=bits)
+            for b in range(batch):
+                for j in range(t):
+                    if not valid[b, j]:
+                        continue
+                    pos = int(positions[b, j]) if explicit else model.next[layer][b]
+                    model.next[layer][b] = max(model.next[layer][b], pos + 1)
+                    kx, vx = k[b, :, j], v[b, :, j]
+                    pair = list(
+                        zip(
+                            candidates(kx, int(bits[b, j]), bool(protect[b, j])),
+                            candidates(vx, int(bits[b, j]), bool(protect[b, j])),
+                            strict=True,
+                        )
+                    )
+                    model.seqs[layer][b][pos] = pair
+        elif op == "truncate":
+            per_seq = data.draw(st.booleans())
+            lens = [data.draw(st.integers(0, 120)) for _ in range(batch)]
+            store.truncate(lens if per_seq else lens[0])
+            for layer in range(layers):
+                for b in range(batch):
+                    n = lens[b] if per_seq else lens[0]
+                    model.seqs[layer][b] = {p: x for p, x in model.seqs[layer][b].items() if p < n}
+                    model.next[layer][b] = min(model.next[layer][b], n)
+        elif op == "reorder":
+            idx = data.draw(st.lists(st.integers(0, batch - 1), min_size=batch, max_size=batch))
+            store.reorder(idx)
+            for layer in range(layers):
+                model.seqs[layer] = [dict(model.seqs[layer][i]) for i in idx]
+                model.next[layer] = [model.next[layer][i] for i in idx]
+        elif op == "clear":
+            store.clear()
+            model = Model(layers, batch)
+        else:
+            path = tmp_path_factory.mktemp("ops") / "store.safetensors"
+            store.save(path)
+            store = KVStore.load(path)
+        # Check every sequence against the model, and attention at default positions.
+        for layer in range(layers):
+            assert store.seq_lens(layer) == [len(s) for s in model.seqs[layer]]
+            for b in range(batch):
+                pos, kd, vd = sorted_by_position(store.dequantize(layer, b))
+                want_pos = sorted(model.seqs[layer][b])
+                np.testing.assert_array_equal(pos, want_pos)
+                for i, p in enumerate(want_pos):
+                    ok = any(
+                        np.array_equal(kd[i], ck.numpy()) and np.array_equal(vd[i], cv.numpy())
+                        for ck, cv in model.seqs[layer][b][p]
+                    )
+                    assert ok, f"layer {layer} seq {b} position {p}"
+            tq = 2
+            q = torch.randn(batch, 2 * hkv, tq, d, generator=gen)
+            qpos = [[max(n - tq + j, 0) for j in range(tq)] for n in model.next[layer]]
+            torch.testing.assert_close(
+                store.attend(layer, q).double(),
+                attend_reference(store, layer, q, qpos),
+                **tolerance(torch.float32),
+            )

@@ -104,7 +104,12 @@ pub fn save(store: &KVStore, path: &Path) -> Result<()> {
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("format_version".to_string(), VERSION.to_string());
-    meta.insert("store".to_string(), header.to_string());
+    let header = header.to_string();
+    meta.insert(
+        "store_checksum".to_string(),
+        format!("{:016x}", fnv1a64(header.as_bytes())),
+    );
+    meta.insert("store".to_string(), header);
     meta.insert(
         "checksums".to_string(),
         serde_json::to_string(&sums).unwrap_or_default(),
@@ -144,7 +149,13 @@ pub fn load(path: &Path) -> Result<KVStore> {
     let sums: HashMap<String, String> =
         serde_json::from_str(meta.get("checksums").map_or("", |s| s.as_str()))
             .map_err(|_| bad("metadata 'checksums' is missing or not JSON".into()))?;
-    let h: Value = serde_json::from_str(meta.get("store").map_or("", |s| s.as_str()))
+    let header = meta.get("store").map_or("", |s| s.as_str());
+    if meta.get("store_checksum") != Some(&format!("{:016x}", fnv1a64(header.as_bytes()))) {
+        return Err(bad(
+            "checksum mismatch in the store header (file damaged)".into()
+        ));
+    }
+    let h: Value = serde_json::from_str(header)
         .map_err(|_| bad("metadata 'store' is missing or not JSON".into()))?;
     let tensor = |name: &str| -> Result<Vec<u8>> {
         let t = st

@@ -267,6 +267,13 @@ impl KVStore {
                 num_layers.to_string(),
             ));
         }
+        if num_layers.saturating_mul(batch) > 1 << 22 {
+            return Err(Error::value(
+                "batch_size",
+                "num_layers * batch_size <= 2^22",
+                format!("{num_layers} * {batch}"),
+            ));
+        }
         if heads == 0 || heads > 4096 {
             return Err(Error::value(
                 "num_kv_heads",
@@ -431,7 +438,7 @@ impl KVStore {
     }
 
     /// Validates everything about an append before anything changes.
-    fn validate_append(&self, a: &AppendArgs) -> Result<(usize, usize)> {
+    fn validate_append(&self, layer: usize, a: &AppendArgs) -> Result<(usize, usize)> {
         let m = &self.meta;
         let want = |t: usize| [m.batch, m.heads, t, m.d];
         let t = a.k.shape[2];
@@ -488,13 +495,17 @@ impl KVStore {
                 check_bits("bits", x)?;
             }
         }
-        // Non-finite keys or values would poison a whole quantization group.
+        // Non-finite keys or values would poison a whole quantization group; values beyond
+        // fp16's range cannot be represented by fp16 scales and zeros (nor by fp16 tokens).
+        // Only tokens kept in bfloat16 (16-bit class with fp_format bfloat16) escape the bound.
         let mut row = vec![0f32; m.d];
+        let bf16 = m.cfg.fp_format == crate::page::FpFormat::BF16;
         for (name, v) in [("k", &a.k), ("v", &a.v)] {
             for bi in 0..b {
                 for h in 0..m.heads {
                     for ti in 0..t {
-                        if a.valid.is_some_and(|vv| !vv[bi * t + ti]) {
+                        let idx = bi * t + ti;
+                        if a.valid.is_some_and(|vv| !vv[idx]) {
                             continue;
                         }
                         v.read_row(bi, h, ti, &mut row);
@@ -505,13 +516,25 @@ impl KVStore {
                                 format!("{x} at [{bi}, {h}, {ti}]"),
                             ));
                         }
+                        let wide = bf16
+                            && (a.protect.is_some_and(|p| p[idx])
+                                || a.bits.map_or(m.cfg.bits, |b| b[idx]) == 16);
+                        if !wide {
+                            if let Some(x) = row.iter().find(|x| x.abs() > 65504.0) {
+                                return Err(Error::value(
+                                    name,
+                                    "values within ±65504 (fp16 scales, zeros and tokens; use fp_format='bfloat16' with 16-bit tokens for wider ranges)",
+                                    format!("{x} at [{bi}, {h}, {ti}]"),
+                                ));
+                            }
+                        }
                     }
                 }
             }
         }
         // Default positions must stay in range too.
         if a.positions.is_none() {
-            for s in &self.layers[0] {
+            for s in &self.layers[layer] {
                 if s.next_pos + t as i64 >= i32::MAX as i64 {
                     return Err(Error::value(
                         "positions",
@@ -526,7 +549,7 @@ impl KVStore {
 
     /// Appends `T` tokens to every sequence of `layer`. On error nothing changes.
     pub fn append(&mut self, layer: usize, a: &AppendArgs) -> Result<()> {
-        let (_, t) = self.validate_append(a)?;
+        let (_, t) = self.validate_append(layer, a)?;
         if t == 0 {
             return Ok(());
         }

@@ -42,7 +42,14 @@ pub fn borrow<'py>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Borrow<'py>> 
     let py = obj.py();
     let expected = "a torch.Tensor or numpy.ndarray of float32, float16 or bfloat16";
     if let Ok(arr) = obj.cast::<PyUntypedArray>() {
-        let name: String = obj.getattr("dtype")?.getattr("name")?.extract()?;
+        let dt = obj.getattr("dtype")?;
+        let name: String = dt.getattr("name")?.extract()?;
+        if !dt.getattr("isnative")?.extract::<bool>()? {
+            return Err(dtype_err(
+                py,
+                format!("{arg}: expected native byte order, got dtype {}", dt.str()?),
+            ));
+        }
         let dtype = match name.as_str() {
             "float32" => DType::F32,
             "float16" => DType::F16,
@@ -104,7 +111,13 @@ pub fn borrow<'py>(obj: &Bound<'py, PyAny>, arg: &str) -> PyResult<Borrow<'py>> 
     } else {
         obj.clone()
     };
-    let cap = src.call_method0("__dlpack__")?;
+    // Sparse, conjugated or otherwise unexportable tensors: name the argument.
+    let cap = src.call_method0("__dlpack__").map_err(|e| {
+        dtype_err(
+            py,
+            format!("{arg}: expected a dense strided tensor that can be read in place ({e})"),
+        )
+    })?;
     let d = describe(&cap).ok_or_else(|| {
         dtype_err(
             py,

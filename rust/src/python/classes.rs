@@ -63,7 +63,12 @@ fn bool_array<'py>(
     arg: &str,
 ) -> PyResult<(Vec<bool>, Vec<usize>)> {
     let np = py.import("numpy")?;
-    let arr = np.call_method1("asarray", (obj,))?;
+    let arr = np.call_method1("asarray", (obj,)).map_err(|_| {
+        dtype_err(
+            py,
+            format!("{arg}: expected a bool array, got {}", obj.get_type()),
+        )
+    })?;
     let kind: String = arr.getattr("dtype")?.getattr("kind")?.extract()?;
     if kind != "b" {
         return Err(dtype_err(
@@ -98,6 +103,24 @@ fn float_list(py: Python<'_>, obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec
     Ok(v.into_iter().map(|x| x as f32).collect())
 }
 
+fn dim(py: Python<'_>, name: &str, v: i64, max: i64) -> PyResult<usize> {
+    if v <= 0 || v > max {
+        return Err(arg_err(
+            py,
+            format!("{name}: expected 1 <= {name} <= {max}, got {v}"),
+        ));
+    }
+    Ok(v as usize)
+}
+
+fn dims(py: Python<'_>, l: i64, h: i64, d: i64) -> PyResult<(usize, usize, usize)> {
+    Ok((
+        dim(py, "num_layers", l, 1 << 16)?,
+        dim(py, "num_kv_heads", h, 4096)?,
+        dim(py, "head_dim", d, 4096)?,
+    ))
+}
+
 #[pymethods]
 impl PyPlan {
     /// A plan from explicit fields (what calibration produces).
@@ -106,16 +129,18 @@ impl PyPlan {
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
-        num_layers: usize,
-        num_kv_heads: usize,
-        head_dim: usize,
+        num_layers: i64,
+        num_kv_heads: i64,
+        head_dim: i64,
         mode: &str,
-        group_heads: usize,
+        group_heads: i64,
         rotate_values: bool,
         key_perm: Option<Bound<'_, PyAny>>,
         key_clip: Option<Bound<'_, PyAny>>,
         value_clip: Option<Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let (num_layers, num_kv_heads, head_dim) = dims(py, num_layers, num_kv_heads, head_dim)?;
+        let group_heads = dim(py, "group_heads", group_heads, 4096)?;
         let mode = rk(py, Mode::parse(mode))?;
         let total = num_kv_heads * head_dim;
         let n = group_heads.max(1) * head_dim;
@@ -170,10 +195,11 @@ impl PyPlan {
     #[staticmethod]
     fn identity(
         py: Python<'_>,
-        num_layers: usize,
-        num_kv_heads: usize,
-        head_dim: usize,
+        num_layers: i64,
+        num_kv_heads: i64,
+        head_dim: i64,
     ) -> PyResult<Self> {
+        let (num_layers, num_kv_heads, head_dim) = dims(py, num_layers, num_kv_heads, head_dim)?;
         Ok(PyPlan {
             inner: rk(
                 py,
@@ -187,13 +213,17 @@ impl PyPlan {
     #[pyo3(signature = (num_layers, num_kv_heads, head_dim, mode="pre_rope", group_heads=None, rotate_values=true))]
     fn hadamard(
         py: Python<'_>,
-        num_layers: usize,
-        num_kv_heads: usize,
-        head_dim: usize,
+        num_layers: i64,
+        num_kv_heads: i64,
+        head_dim: i64,
         mode: &str,
-        group_heads: Option<usize>,
+        group_heads: Option<i64>,
         rotate_values: bool,
     ) -> PyResult<Self> {
+        let (num_layers, num_kv_heads, head_dim) = dims(py, num_layers, num_kv_heads, head_dim)?;
+        let group_heads = group_heads
+            .map(|g| dim(py, "group_heads", g, 4096))
+            .transpose()?;
         let mode = rk(py, Mode::parse(mode))?;
         let inner = rk(
             py,
@@ -391,13 +421,37 @@ pub struct PyStore {
 fn cfg_from(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<QuantConfig> {
     let mut cfg = QuantConfig::default();
     let Some(c) = config else { return Ok(cfg) };
-    let get = |name: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
-        if c.hasattr(name)? {
-            let v = c.getattr(name)?;
-            Ok(if v.is_none() { None } else { Some(v) })
-        } else {
-            Ok(None)
+    const FIELDS: [&str; 8] = [
+        "bits",
+        "group_size",
+        "key_clip",
+        "value_clip",
+        "residual",
+        "key_layout",
+        "page_tokens",
+        "fp_format",
+    ];
+    let dict = c.cast::<PyDict>().ok();
+    if let Some(d) = dict {
+        for key in d.keys() {
+            let k: String = key
+                .extract()
+                .map_err(|_| arg_err(py, "config: expected str keys".into()))?;
+            if !FIELDS.contains(&k.as_str()) {
+                return Err(arg_err(
+                    py,
+                    format!("config: expected keys among {FIELDS:?}, got {k:?}"),
+                ));
+            }
         }
+    }
+    let get = |name: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
+        let v = match dict {
+            Some(d) => d.get_item(name)?,
+            None if c.hasattr(name)? => Some(c.getattr(name)?),
+            None => None,
+        };
+        Ok(v.filter(|v| !v.is_none()))
     };
     let wrong = |name: &str, want: &str, v: &Bound<'_, PyAny>| {
         arg_err(
@@ -548,6 +602,25 @@ impl PyStore {
                     format!("{name}: expected a positive int, got {v}"),
                 ));
             }
+        }
+        for (name, v, max) in [
+            ("num_layers", num_layers, 1 << 16),
+            ("num_kv_heads", num_kv_heads, 4096),
+            ("head_dim", head_dim, 4096),
+            ("batch_size", batch_size, 1 << 20),
+        ] {
+            if v > max {
+                return Err(arg_err(
+                    py,
+                    format!("{name}: expected at most {max}, got {v}"),
+                ));
+            }
+        }
+        if num_layers * batch_size > 1 << 22 {
+            return Err(arg_err(
+                py,
+                format!("batch_size: expected num_layers * batch_size <= 2^22, got {num_layers} * {batch_size}"),
+            ));
         }
         let cfg = cfg_from(py, config.as_ref())?;
         let plan = match plan {

@@ -24,10 +24,26 @@ fn build_info() -> std::collections::HashMap<&'static str, String> {
 #[pyo3(signature = (x, inverse=false))]
 fn hadamard<'py>(
     py: Python<'py>,
-    x: numpy::PyReadonlyArrayDyn<'py, f32>,
+    x: Bound<'py, PyAny>,
     inverse: bool,
 ) -> PyResult<Bound<'py, numpy::PyArrayDyn<f32>>> {
     use numpy::{PyArrayMethods, PyUntypedArrayMethods, ToPyArray};
+    let arr = py
+        .import("numpy")?
+        .call_method1("asarray", (&x, "float32"))
+        .map_err(|_| {
+            errors::dtype_err(
+                py,
+                format!("x: expected a float array, got {}", x.get_type()),
+            )
+        })?;
+    let x: numpy::PyReadonlyArrayDyn<'py, f32> = arr.extract()?;
+    if x.ndim() == 0 {
+        return Err(errors::shape_err(
+            py,
+            "x: expected at least one axis, got a scalar".into(),
+        ));
+    }
     let shape = x.shape().to_vec();
     let n = *shape.last().unwrap_or(&0);
     let h = crate::Hadamard::new(n).map_err(|e| errors::to_py(py, e))?;

@@ -170,6 +170,20 @@ fn unpack2_chunk<const W: usize>(b: &[u8], out: &mut [f32], j0: usize, q: usize)
     }
 }
 
+/// Unpacks `W` bytes of a 4-bit row (codes `j0..j0+W` of both halves).
+#[inline(always)]
+fn unpack4_chunk<const W: usize>(b: &[u8], out: &mut [f32], j0: usize, q: usize) {
+    let b: &[u8; W] = b[j0..j0 + W].try_into().expect("W bytes");
+    let mut o = [[0f32; W]; 2];
+    for j in 0..W {
+        let x = b[j] as u32;
+        o[0][j] = (x & 15) as f32;
+        o[1][j] = (x >> 4) as f32;
+    }
+    out[j0..j0 + W].copy_from_slice(&o[0]);
+    out[q + j0..q + j0 + W].copy_from_slice(&o[1]);
+}
+
 /// Unpacks a 2-bit row of `out.len()` codes to f32, in fixed-width chunks so that LLVM
 /// emits byte-to-lane widening and vector shifts.
 #[inline(always)]
@@ -203,11 +217,14 @@ pub fn unpack_row_f32(bytes: &[u8], bits: u8, out: &mut [f32]) {
         }
         4 => {
             let q = n / 2;
-            let (lo, hi) = out.split_at_mut(q);
-            for j in 0..q {
-                let x = bytes[j] as u32;
-                lo[j] = (x & 15) as f32;
-                hi[j] = (x >> 4) as f32;
+            let mut j = 0;
+            while j + 16 <= q {
+                unpack4_chunk::<16>(bytes, out, j, q);
+                j += 16;
+            }
+            while j < q {
+                unpack4_chunk::<1>(bytes, out, j, q);
+                j += 1;
             }
         }
         2 => unpack2_f32(bytes, out),

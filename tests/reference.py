@@ -358,7 +358,9 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
         return {"atol": 2e-4, "rtol": 2e-3}
     if dtype == torch.bfloat16:
         return {"atol": 2e-3, "rtol": 1e-2}
-    return {"atol": 1e-4, "rtol": 1e-4}
+    # On AVX-512 VNNI the 2/4-bit kernels round queries and value weights to 16-bit integers
+    # (2^-16 of each row's largest entry): up to a few 1e-4 here.
+    return {"atol": 5e-4, "rtol": 5e-4}
 
 
 # --------------------------------------------------------------------------------------------

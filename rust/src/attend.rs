@@ -27,7 +27,7 @@ use crate::page::{Layout, Page};
 use crate::quant::{affine_scalar, unpack_row_f32};
 use crate::rope::sincos_f32_angle;
 use crate::rotation::Mode;
-use crate::simd::{self, f16_to_f32, madd, multiversion, Level};
+use crate::simd::{self, f16_to_f32, madd, Level};
 use crate::store::{KVStore, Meta};
 use crate::tensor::{OutData, View4};
 
@@ -129,6 +129,8 @@ struct Ctx<'a> {
     q: Vec<f32>,
     /// Rotated queries for quantized pages (fast path), same shape.
     q_rot: Option<Vec<f32>>,
+    /// Rotated queries rounded to i16 pairs, for the VNNI path.
+    q_int: Option<QInt>,
     qpos: Vec<i32>,
     causal: bool,
     window: Option<usize>,
@@ -245,6 +247,7 @@ pub fn attend_at(
         }
         qr
     });
+    let q_int = q_rot.as_ref().map(|qr| QInt::new(qr, d, m.group));
     let pages: Vec<Vec<&Page>> = seqs
         .iter()
         .map(|s| {
@@ -262,6 +265,7 @@ pub fn attend_at(
         tq,
         q,
         q_rot,
+        q_int,
         qpos,
         causal: a.causal,
         window: a.window,
@@ -330,15 +334,253 @@ pub fn attend_at(
     Ok(())
 }
 
-multiversion! {
-    fn run_item(ctx: &Ctx, it: &Item) -> Partial => run_item_body
+/// Runs one work item at a SIMD level (the AVX-512 build also enables the VNNI path).
+fn run_item(level: Level, ctx: &Ctx, it: &Item) -> Partial {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(
+            enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2"
+        )]
+        unsafe fn v512(ctx: &Ctx, it: &Item) -> Partial {
+            run_item_body::<true, true>(ctx, it)
+        }
+        #[target_feature(enable = "avx2,fma,f16c,bmi2")]
+        unsafe fn v256(ctx: &Ctx, it: &Item) -> Partial {
+            run_item_body::<true, false>(ctx, it)
+        }
+        match level {
+            // SAFETY: `level` is at most `simd::level()`, which checked these features.
+            Level::Avx512 => return unsafe { v512(ctx, it) },
+            // SAFETY: as above.
+            Level::Avx2 => return unsafe { v256(ctx, it) },
+            Level::Scalar => {}
+        }
+    }
+    run_item_body::<false, false>(ctx, it)
 }
 
 #[inline(always)]
-fn run_item_body<const FMA: bool>(ctx: &Ctx, it: &Item) -> Partial {
+fn run_item_body<const FMA: bool, const VNNI: bool>(ctx: &Ctx, it: &Item) -> Partial {
     match ctx.meta.cap {
-        32 => run_tiles::<FMA, 32>(ctx, it),
-        _ => run_tiles::<FMA, 64>(ctx, it),
+        32 => run_tiles::<FMA, VNNI, 32>(ctx, it),
+        _ => run_tiles::<FMA, VNNI, 64>(ctx, it),
+    }
+}
+
+/// Queries rounded to 16-bit integers for the VNNI scores: per row, `q ≈ scale * qi` with
+/// `|qi| <= 32767` (a relative error of at most 2^-16 of the row's largest entry), packed in
+/// pairs of consecutive channels; plus the exact f32 sum of each group's entries (the zero
+/// term).
+struct QInt {
+    pairs: Vec<i32>,
+    scale: Vec<f32>,
+    gsum: Vec<f32>,
+    /// Per row and group: `Σ (q - scale * qi)`, the rounding lost (given back with the mid
+    /// code as the codes' mean, so that it does not bias every token of a group alike).
+    lost: Vec<f32>,
+}
+
+impl QInt {
+    fn new(q: &[f32], d: usize, group: usize) -> Self {
+        let rows = q.len() / d;
+        let ng = d / group;
+        let mut pairs = vec![0i32; rows * d / 2];
+        let mut scale = vec![0f32; rows];
+        let mut gsum = vec![0f32; rows * ng];
+        let mut lost = vec![0f32; rows * ng];
+        for (r, row) in q.chunks_exact(d).enumerate() {
+            let mx = row.iter().fold(0f32, |a, x| a.max(x.abs()));
+            let sc = if mx > 0.0 { mx / 32767.0 } else { 1.0 };
+            scale[r] = sc;
+            for (j, pr) in row.chunks_exact(2).enumerate() {
+                let a = (pr[0] / sc).round_ties_even().clamp(-32767.0, 32767.0);
+                let b = (pr[1] / sc).round_ties_even().clamp(-32767.0, 32767.0);
+                lost[r * ng + 2 * j / group] += (pr[0] - a * sc) + (pr[1] - b * sc);
+                pairs[r * d / 2 + j] =
+                    (a as i16 as u16 as u32 | ((b as i16 as u16 as u32) << 16)) as i32;
+            }
+            for (gi, grp) in row.chunks_exact(group).enumerate() {
+                gsum[r * ng + gi] = grp.iter().sum();
+            }
+        }
+        QInt {
+            pairs,
+            scale,
+            gsum,
+            lost,
+        }
+    }
+}
+
+/// `dst[x][c] += Σ_t p[x][t] * v[t][c]` for up to four rows over a 2- or 4-bit page of 64
+/// tokens whose value rows are one quantization group: with `v = s*code + z`, the weights
+/// `p*s` are rounded per row to i16 (relative 2^-16 of the row's largest weight) and summed
+/// against pairs of tokens' codes with `vpdpwssd`; the `p*z` term is summed in f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn pv_vnni<const CAP: usize, const B: u8>(
+    page: &Page,
+    lay: &Layout,
+    kh: usize,
+    d: usize,
+    p4: [&[f32; CAP]; 4],
+    k: usize,
+    dst: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(CAP == 64 && (B == 2 || B == 4));
+    let base = lay.head(kh);
+    let bytes = page.bytes();
+    let s16 = page.u16s(base + lay.v_scale, CAP);
+    let z16 = page.u16s(base + lay.v_zero, CAP);
+    let vs: [f32; CAP] = std::array::from_fn(|t| f16_to_f32(s16[t]));
+    let vz: [f32; CAP] = std::array::from_fn(|t| f16_to_f32(z16[t]));
+    let mut wp = [[0i32; CAP]; 4];
+    let mut wscale = [0f32; 4];
+    let mut zsum = [0f32; 4];
+    for x in 0..4 {
+        let w: [f32; CAP] = std::array::from_fn(|t| p4[x][t] * vs[t]);
+        let mx = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let sc = if mx > 0.0 { mx / 32767.0 } else { 1.0 };
+        wscale[x] = sc;
+        // The rounding errors' mean over codes would add the same offset to every channel
+        // (which an inverse Hadamard then piles into one output channel): give it back
+        // exactly, using the mid code as that mean.
+        let mid = ((1u32 << B) - 1) as f32 * 0.5;
+        let mut lost = 0f32;
+        for t in (0..CAP).step_by(2) {
+            let a = (w[t] / sc).round_ties_even();
+            let b = (w[t + 1] / sc).round_ties_even();
+            lost += (w[t] - a * sc) + (w[t + 1] - b * sc);
+            wp[x][t / 2] = (a as i16 as u16 as u32 | ((b as i16 as u16 as u32) << 16)) as i32;
+        }
+        zsum[x] = (0..CAP).map(|t| p4[x][t] * vz[t]).sum::<f32>() + lost * mid;
+    }
+    let planes = 8 / B as usize;
+    let v_row = lay.v_row;
+    let mask = _mm512_set1_epi32(if B == 2 { 0x0003_0003 } else { 0x000F_000F });
+    let (u0, u1) = (page.start & !1, (page.len + 1) & !1);
+    for h in 0..v_row / 16 {
+        let mut acc = [[_mm512_setzero_si512(); 4]; 4];
+        for u in (u0..u1).step_by(2) {
+            let o0 = base + lay.v_codes + u * v_row + h * 16;
+            let o1 = o0 + v_row;
+            let r0: &[u8; 16] = bytes[o0..o0 + 16].try_into().expect("16 bytes");
+            let r1: &[u8; 16] = bytes[o1..o1 + 16].try_into().expect("16 bytes");
+            // SAFETY: both references cover 16 readable bytes; unaligned loads.
+            let x0 =
+                _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(r0.as_ptr() as *const __m128i) });
+            // SAFETY: as above.
+            let x1 =
+                _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(r1.as_ptr() as *const __m128i) });
+            let w = _mm512_or_si512(x0, _mm512_slli_epi32::<16>(x1));
+            let wb: [__m512i; 4] = std::array::from_fn(|x| _mm512_set1_epi32(wp[x][u / 2]));
+            for sp in 0..planes {
+                let plane = _mm512_and_si512(
+                    _mm512_srlv_epi32(w, _mm512_set1_epi32(sp as i32 * B as i32)),
+                    mask,
+                );
+                for x in 0..4 {
+                    acc[x][sp] = _mm512_dpwssd_epi32(acc[x][sp], plane, wb[x]);
+                }
+            }
+        }
+        for x in 0..k {
+            for sp in 0..planes {
+                let mut a = [0f32; 16];
+                // SAFETY: `a` holds 16 f32.
+                unsafe { _mm512_storeu_ps(a.as_mut_ptr(), _mm512_cvtepi32_ps(acc[x][sp])) };
+                let c0 = h * 16 + sp * (d / planes);
+                let row = &mut dst[x * d + c0..x * d + c0 + 16];
+                for i in 0..16 {
+                    row[i] = a[i].mul_add(wscale[x], row[i]);
+                }
+            }
+        }
+    }
+    for x in 0..k {
+        dst[x * d..(x + 1) * d]
+            .iter_mut()
+            .for_each(|v| *v += zsum[x]);
+    }
+}
+
+/// Scores of four query rows (duplicates allowed) against a 2- or 4-bit page of 64 tokens
+/// with per-token key groups, in integer arithmetic: channel pairs of the codes against the
+/// queries' i16 pairs with `vpdpwssd` (exact i32 sums), then `s * scale_q * Σ + z * Σq` in
+/// f32. `rows` are global query-row indices into `qi`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_vnni<const CAP: usize, const B: u8>(
+    page: &Page,
+    lay: &Layout,
+    hp: &HeadParams<CAP>,
+    kh: usize,
+    d: usize,
+    g: usize,
+    qi: &QInt,
+    rows: [usize; 4],
+    out: &mut [[f32; CAP]],
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(CAP == 64 && (B == 2 || B == 4));
+    let bytes = page.bytes();
+    let base = lay.head(kh);
+    let k_row = lay.k_row;
+    let planes = 8 / B as usize;
+    let per_plane = CAP / planes; // tokens per plane
+    let chunks = k_row / 16;
+    let mask = _mm512_set1_epi32(if B == 2 { 0x0003_0003 } else { 0x000F_000F });
+    let ng = d / g;
+    let hd = d / 2;
+    for o in out.iter_mut() {
+        *o = [0.0; CAP];
+    }
+    for gi in 0..ng {
+        let mut acc = [[_mm512_setzero_si512(); 4]; 4];
+        for c in (gi * g..(gi + 1) * g).step_by(2) {
+            let qp: [__m512i; 4] =
+                std::array::from_fn(|x| _mm512_set1_epi32(qi.pairs[rows[x] * hd + c / 2]));
+            for h in 0..chunks {
+                let o0 = base + c * k_row + h * 16;
+                let o1 = o0 + k_row;
+                let r0: &[u8; 16] = bytes[o0..o0 + 16].try_into().expect("16 bytes");
+                let r1: &[u8; 16] = bytes[o1..o1 + 16].try_into().expect("16 bytes");
+                // SAFETY: both references cover 16 readable bytes; unaligned loads.
+                let x0 =
+                    _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(r0.as_ptr() as *const __m128i) });
+                // SAFETY: as above.
+                let x1 =
+                    _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(r1.as_ptr() as *const __m128i) });
+                let w = _mm512_or_si512(x0, _mm512_slli_epi32::<16>(x1));
+                for sp in 0..planes {
+                    let plane = _mm512_and_si512(
+                        _mm512_srlv_epi32(w, _mm512_set1_epi32(sp as i32 * B as i32)),
+                        mask,
+                    );
+                    let tb = h + sp * per_plane / 16;
+                    for x in 0..4 {
+                        acc[x][tb] = _mm512_dpwssd_epi32(acc[x][tb], plane, qp[x]);
+                    }
+                }
+            }
+        }
+        let (s, z) = (&hp.s[gi], &hp.z[gi]);
+        for (x, o) in out.iter_mut().enumerate() {
+            let qs = qi.scale[rows[x]];
+            let qsum = qi.gsum[rows[x] * ng + gi];
+            let lost = qi.lost[rows[x] * ng + gi] * ((1u32 << B) - 1) as f32 * 0.5;
+            for tb in 0..4 {
+                let mut a = [0f32; 16];
+                // SAFETY: `a` holds 16 f32.
+                unsafe { _mm512_storeu_ps(a.as_mut_ptr(), _mm512_cvtepi32_ps(acc[x][tb])) };
+                for j in 0..16 {
+                    let t = tb * 16 + j;
+                    o[t] = (s[t] * qs).mul_add(a[j], s[t].mul_add(lost, z[t].mul_add(qsum, o[t])));
+                }
+            }
+        }
     }
 }
 
@@ -621,7 +863,7 @@ fn exp_row<const CAP: usize>(s: &mut [f32; CAP], mx: f32) -> f32 {
 }
 
 #[inline(always)]
-fn run_tiles<const FMA: bool, const CAP: usize>(ctx: &Ctx, it: &Item) -> Partial {
+fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it: &Item) -> Partial {
     let m = ctx.meta;
     let plan = &m.plan;
     let (d, hkv, hq, tq) = (m.d, m.heads, ctx.hq, ctx.tq);
@@ -680,6 +922,25 @@ fn run_tiles<const FMA: bool, const CAP: usize>(ctx: &Ctx, it: &Item) -> Partial
                 let mut r = 0;
                 while r < nr {
                     let k = (nr - r).min(4);
+                    #[cfg(target_arch = "x86_64")]
+                    if VNNI && CAP == 64 && !lay.per_channel && (page.bits == 2 || page.bits == 4) {
+                        let qi = ctx.q_int.as_ref().expect("integer queries");
+                        let rows: [usize; 4] =
+                            std::array::from_fn(|x| q_of(qsrc, kh, r + x % k).start / d);
+                        let hp = &hps[0];
+                        let out = &mut scores[r..r + k];
+                        // SAFETY: VNNI is true only in the AVX-512 build of run_item, which runs
+                        // only when the CPU has AVX-512 F/BW and VNNI.
+                        unsafe {
+                            if page.bits == 2 {
+                                scores_vnni::<CAP, 2>(page, lay, hp, kh, d, m.group, qi, rows, out);
+                            } else {
+                                scores_vnni::<CAP, 4>(page, lay, hp, kh, d, m.group, qi, rows, out);
+                            }
+                        }
+                        r += k;
+                        continue;
+                    }
                     let qs: Vec<&[f32]> = (r..r + k).map(|x| &qsrc[q_of(qsrc, kh, x)]).collect();
                     match page.bits {
                         2 => scores_direct::<FMA, CAP, 2>(
@@ -855,6 +1116,33 @@ fn run_tiles<const FMA: bool, const CAP: usize>(ctx: &Ctx, it: &Item) -> Partial
             };
             for hh in 0..gh {
                 let kh = g * gh + hh;
+                #[cfg(target_arch = "x86_64")]
+                if VNNI
+                    && CAP == 64
+                    && (page.bits == 2 || page.bits == 4)
+                    && m.group == d
+                    && lay.v_row.is_multiple_of(16)
+                {
+                    let sc = &scores[hh * nr..(hh + 1) * nr];
+                    let rows = &mut acc[kh * nr * d..(kh + 1) * nr * d];
+                    let mut r = 0;
+                    while r < nr {
+                        let k = (nr - r).min(4);
+                        let p4 = [&sc[r], &sc[r + 1 % k], &sc[r + 2 % k], &sc[r + 3 % k]];
+                        let dst = &mut rows[r * d..(r + k) * d];
+                        // SAFETY: VNNI is true only in the AVX-512 build of run_item, which
+                        // runs only when the CPU has AVX-512 F/BW and VNNI.
+                        unsafe {
+                            if page.bits == 2 {
+                                pv_vnni::<CAP, 2>(page, lay, kh, d, p4, k, dst);
+                            } else {
+                                pv_vnni::<CAP, 4>(page, lay, kh, d, p4, k, dst);
+                            }
+                        }
+                        r += k;
+                    }
+                    continue;
+                }
                 for u in page.start..page.len {
                     let row = &mut vt[u * d..(u + 1) * d];
                     match page.bits {

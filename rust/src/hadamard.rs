@@ -38,7 +38,7 @@ fn split(n: usize) -> Option<(usize, usize)> {
         return None;
     }
     for m in [1usize, 12, 20, 28] {
-        if n % m == 0 {
+        if n.is_multiple_of(m) {
             let p = n / m;
             if p.is_power_of_two() && p.trailing_zeros() <= MAX_LOG2 {
                 return Some((m, p));

@@ -114,7 +114,7 @@ impl RotationPlan {
             Some(g) => g,
             None if mode == Mode::PreRope => (1..=num_kv_heads)
                 .rev()
-                .find(|g| num_kv_heads % g == 0 && hadamard::supported(g * head_dim))
+                .find(|g| num_kv_heads.is_multiple_of(*g) && hadamard::supported(g * head_dim))
                 .unwrap_or(1),
             None => 1,
         };
@@ -165,14 +165,14 @@ impl RotationPlan {
         if self.num_kv_heads == 0 {
             return Err(Error::value("num_kv_heads", ">= 1", "0"));
         }
-        if self.head_dim == 0 || self.head_dim % 8 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(8) {
             return Err(Error::value(
                 "head_dim",
                 "a positive multiple of 8",
                 self.head_dim.to_string(),
             ));
         }
-        if self.group_heads == 0 || self.num_kv_heads % self.group_heads != 0 {
+        if self.group_heads == 0 || !self.num_kv_heads.is_multiple_of(self.group_heads) {
             return Err(Error::value(
                 "group_heads",
                 format!("a divisor of num_kv_heads = {}", self.num_kv_heads),

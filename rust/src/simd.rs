@@ -12,7 +12,7 @@ pub enum Level {
     Scalar,
     /// AVX2 with FMA and F16C.
     Avx2,
-    /// AVX-512 F/BW/VL/DQ.
+    /// AVX-512 F/BW/VL/DQ and VNNI.
     Avx512,
 }
 
@@ -54,7 +54,8 @@ fn detect() -> Level {
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512dq");
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vnni");
         if avx512 {
             return Level::Avx512;
         }

@@ -281,7 +281,7 @@ impl KVStore {
                 heads.to_string(),
             ));
         }
-        if d == 0 || d % 8 != 0 || d > 4096 {
+        if d == 0 || !d.is_multiple_of(8) || d > 4096 {
             return Err(Error::value(
                 "head_dim",
                 "a multiple of 8 up to 4096",
@@ -301,7 +301,7 @@ impl KVStore {
         }
         plan.validate()?;
         let group = cfg.group_size.unwrap_or(d);
-        if group == 0 || group % 8 != 0 || d % group != 0 {
+        if group == 0 || !group.is_multiple_of(8) || !d.is_multiple_of(group) {
             return Err(Error::value(
                 "group_size",
                 format!("a multiple of 8 that divides head_dim = {d}"),

@@ -196,7 +196,7 @@ fn finish<'py>(
         }
         last + 1
     };
-    if len > 0 && (ptr == 0 || ptr % item != 0) {
+    if len > 0 && (ptr == 0 || !ptr.is_multiple_of(item)) {
         return Err(arg_err(
             py,
             format!("{arg}: expected memory aligned to its element size"),

@@ -837,6 +837,28 @@ fn pv_block<const FMA: bool, const CAP: usize, const W: usize>(
     }
 }
 
+/// Scores of four query rows against a channel-major key tile (`[D][CAP]`).
+#[inline(always)]
+fn tile_scores<const FMA: bool, const CAP: usize>(
+    tile: &[[f32; CAP]],
+    q4: [&[f32]; 4],
+) -> [[f32; CAP]; 4] {
+    let d = tile.len();
+    // Equal-length slices let LLVM drop the bounds checks, so the accumulators stay in
+    // registers across the channel loop.
+    let q4 = q4.map(|q| &q[..d]);
+    let mut acc = [[0f32; CAP]; 4];
+    for (c, row) in tile.iter().enumerate() {
+        let qc = [q4[0][c], q4[1][c], q4[2][c], q4[3][c]];
+        for x in 0..4 {
+            for t in 0..CAP {
+                acc[x][t] = madd::<FMA>(qc[x], row[t], acc[x][t]);
+            }
+        }
+    }
+    acc
+}
+
 /// Max and sum of a score row, in 16 lanes so that the reductions vectorize.
 #[inline(always)]
 fn row_max<const CAP: usize>(s: &[f32; CAP]) -> f32 {
@@ -1046,16 +1068,7 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
                         let k = (nr - r).min(4);
                         let q4: [&[f32]; 4] =
                             std::array::from_fn(|x| &qsrc[q_of(qsrc, kh, r + x % k)]);
-                        let mut acc = [[0f32; CAP]; 4];
-                        for c in 0..d {
-                            let row = &tile[hh * d + c];
-                            for x in 0..4 {
-                                let qc = q4[x][c];
-                                for t in 0..CAP {
-                                    acc[x][t] = madd::<FMA>(qc, row[t], acc[x][t]);
-                                }
-                            }
-                        }
+                        let acc = tile_scores::<FMA, CAP>(&tile[hh * d..(hh + 1) * d], q4);
                         scores[hh * nr + r..hh * nr + r + k].copy_from_slice(&acc[..k]);
                         r += k;
                     }

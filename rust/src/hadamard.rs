@@ -198,43 +198,22 @@ pub(crate) fn cols_body<const FMA: bool>(h: &Hadamard, x: &mut [f32], w: usize, 
     let n = h.n;
     assert_eq!(x.len(), n * w, "hadamard block length");
     let p = h.pow2;
-    // Butterflies of Sylvester's matrix inside each of the m blocks of p rows, two stages
-    // per pass (radix 4) to halve the passes over a block that may not fit in L1.
+    // Butterflies of Sylvester's matrix inside each of the m blocks of p rows. The stages
+    // commute, so they run in two phases: first every stage whose pairs lie inside an
+    // L1-sized sub-block of rows, sub-block by sub-block, then the wider stages over the
+    // whole block; both two stages per pass (radix 4).
+    let sub = {
+        let mut s = 1usize;
+        while 2 * s <= p && 2 * s * w * 4 <= 16 * 1024 {
+            s *= 2;
+        }
+        s
+    };
     for blk in x.chunks_exact_mut(p * w) {
-        let mut len = 1;
-        while 2 * len < p {
-            for i in (0..p).step_by(4 * len) {
-                for j in i..i + len {
-                    let (r0, rest) = blk[j * w..].split_at_mut(len * w);
-                    let (r1, rest) = rest.split_at_mut(len * w);
-                    let (r2, rest) = rest.split_at_mut(len * w);
-                    let (a, b, c, d) = (&mut r0[..w], &mut r1[..w], &mut r2[..w], &mut rest[..w]);
-                    for col in 0..w {
-                        let (s0, d0) = (a[col] + b[col], a[col] - b[col]);
-                        let (s1, d1) = (c[col] + d[col], c[col] - d[col]);
-                        a[col] = s0 + s1;
-                        b[col] = d0 + d1;
-                        c[col] = s0 - s1;
-                        d[col] = d0 - d1;
-                    }
-                }
-            }
-            len *= 4;
+        for sb in blk.chunks_exact_mut(sub * w) {
+            butterflies(sb, sub, w, 1, sub);
         }
-        if len < p {
-            for i in (0..p).step_by(2 * len) {
-                for j in i..i + len {
-                    let (lo, hi) = blk.split_at_mut((j + len) * w);
-                    let a = &mut lo[j * w..j * w + w];
-                    let b = &mut hi[..w];
-                    for (u, v) in a.iter_mut().zip(b.iter_mut()) {
-                        let (s, d) = (*u + *v, *u - *v);
-                        *u = s;
-                        *v = d;
-                    }
-                }
-            }
-        }
+        butterflies(blk, p, w, sub, p);
     }
     if h.m > 1 {
         // Dense S_m across the m blocks, one column-row (c) at a time.
@@ -264,6 +243,45 @@ pub(crate) fn cols_body<const FMA: bool>(h: &Hadamard, x: &mut [f32], w: usize, 
     }
     let norm = h.norm;
     x.iter_mut().for_each(|v| *v *= norm);
+}
+
+/// Sylvester butterfly stages `len = from, 2*from, .. < to` over `rows` rows of `w` columns.
+#[inline(always)]
+fn butterflies(blk: &mut [f32], rows: usize, w: usize, from: usize, to: usize) {
+    let mut len = from;
+    while 2 * len < to {
+        for i in (0..rows).step_by(4 * len) {
+            for j in i..i + len {
+                let (r0, rest) = blk[j * w..].split_at_mut(len * w);
+                let (r1, rest) = rest.split_at_mut(len * w);
+                let (r2, rest) = rest.split_at_mut(len * w);
+                let (a, b, c, d) = (&mut r0[..w], &mut r1[..w], &mut r2[..w], &mut rest[..w]);
+                for col in 0..w {
+                    let (s0, d0) = (a[col] + b[col], a[col] - b[col]);
+                    let (s1, d1) = (c[col] + d[col], c[col] - d[col]);
+                    a[col] = s0 + s1;
+                    b[col] = d0 + d1;
+                    c[col] = s0 - s1;
+                    d[col] = d0 - d1;
+                }
+            }
+        }
+        len *= 4;
+    }
+    if len < to {
+        for i in (0..rows).step_by(2 * len) {
+            for j in i..i + len {
+                let (lo, hi) = blk.split_at_mut((j + len) * w);
+                let a = &mut lo[j * w..j * w + w];
+                let b = &mut hi[..w];
+                for (u, v) in a.iter_mut().zip(b.iter_mut()) {
+                    let (s, d) = (*u + *v, *u - *v);
+                    *u = s;
+                    *v = d;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -964,44 +964,14 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
                         continue;
                     }
                     let qs: Vec<&[f32]> = (r..r + k).map(|x| &qsrc[q_of(qsrc, kh, x)]).collect();
+                    let out = &mut scores[r..r + k];
+                    let hp = &hps[0];
                     match page.bits {
-                        2 => scores_direct::<FMA, CAP, 2>(
-                            m,
-                            page,
-                            lay,
-                            &hps[0],
-                            kh,
-                            &qs,
-                            &mut scores[r..r + k],
-                        ),
-                        3 => scores_direct::<FMA, CAP, 3>(
-                            m,
-                            page,
-                            lay,
-                            &hps[0],
-                            kh,
-                            &qs,
-                            &mut scores[r..r + k],
-                        ),
-                        4 => scores_direct::<FMA, CAP, 4>(
-                            m,
-                            page,
-                            lay,
-                            &hps[0],
-                            kh,
-                            &qs,
-                            &mut scores[r..r + k],
-                        ),
-                        _ => scores_direct::<FMA, CAP, 8>(
-                            m,
-                            page,
-                            lay,
-                            &hps[0],
-                            kh,
-                            &qs,
-                            &mut scores[r..r + k],
-                        ),
-                    };
+                        2 => scores_direct::<FMA, CAP, 2>(m, page, lay, hp, kh, &qs, out),
+                        3 => scores_direct::<FMA, CAP, 3>(m, page, lay, hp, kh, &qs, out),
+                        4 => scores_direct::<FMA, CAP, 4>(m, page, lay, hp, kh, &qs, out),
+                        _ => scores_direct::<FMA, CAP, 8>(m, page, lay, hp, kh, &qs, out),
+                    }
                     r += k;
                 }
             } else {

@@ -390,7 +390,15 @@ impl QInt {
         let mut lost = vec![0f32; rows * ng];
         for (r, row) in q.chunks_exact(d).enumerate() {
             let mx = row.iter().fold(0f32, |a, x| a.max(x.abs()));
-            let sc = if mx > 0.0 { mx / 32767.0 } else { 1.0 };
+            for (gi, grp) in row.chunks_exact(group).enumerate() {
+                gsum[r * ng + gi] = grp.iter().sum();
+            }
+            let sc = mx / 32767.0;
+            if !sc.is_normal() {
+                // A zero or vanishingly small row: the integer part stays zero (scale 0)
+                // and the exact zero term (gsum) carries what little there is.
+                continue;
+            }
             scale[r] = sc;
             for (j, pr) in row.chunks_exact(2).enumerate() {
                 let a = (pr[0] / sc).round_ties_even().clamp(-32767.0, 32767.0);
@@ -398,9 +406,6 @@ impl QInt {
                 lost[r * ng + 2 * j / group] += (pr[0] - a * sc) + (pr[1] - b * sc);
                 pairs[r * d / 2 + j] =
                     (a as i16 as u16 as u32 | ((b as i16 as u16 as u32) << 16)) as i32;
-            }
-            for (gi, grp) in row.chunks_exact(group).enumerate() {
-                gsum[r * ng + gi] = grp.iter().sum();
             }
         }
         QInt {
@@ -441,7 +446,13 @@ unsafe fn pv_vnni<const CAP: usize, const B: u8>(
     for x in 0..4 {
         let w: [f32; CAP] = std::array::from_fn(|t| p4[x][t] * vs[t]);
         let mx = w.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let sc = if mx > 0.0 { mx / 32767.0 } else { 1.0 };
+        let sc = mx / 32767.0;
+        zsum[x] = (0..CAP).map(|t| p4[x][t] * vz[t]).sum::<f32>();
+        if !sc.is_normal() {
+            // Weights this small (or none) contribute below f32 resolution: only the zero
+            // term is kept, and a subnormal scale cannot divide them.
+            continue;
+        }
         wscale[x] = sc;
         // The rounding errors' mean over codes would add the same offset to every channel
         // (which an inverse Hadamard then piles into one output channel): give it back
@@ -454,7 +465,7 @@ unsafe fn pv_vnni<const CAP: usize, const B: u8>(
             lost += (w[t] - a * sc) + (w[t + 1] - b * sc);
             wp[x][t / 2] = (a as i16 as u16 as u32 | ((b as i16 as u16 as u32) << 16)) as i32;
         }
-        zsum[x] = (0..CAP).map(|t| p4[x][t] * vz[t]).sum::<f32>() + lost * mid;
+        zsum[x] += lost * mid;
     }
     let planes = 8 / B as usize;
     let v_row = lay.v_row;

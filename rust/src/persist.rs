@@ -180,13 +180,16 @@ pub fn load(path: &Path) -> Result<KVStore> {
     let batch = uint(&h, "batch")?;
     let heads = uint(&h, "heads")?;
     let d = uint(&h, "head_dim")?;
-    if num_layers
-        .saturating_mul(batch)
-        .saturating_mul(heads)
-        .saturating_mul(d)
-        > 1 << 36
+    // The same limits as KVStore::new, checked before any size arithmetic below.
+    if !(1..=1 << 16).contains(&num_layers)
+        || !(1..=1 << 20).contains(&batch)
+        || !(1..=4096).contains(&heads)
+        || !(1..=4096).contains(&d)
+        || num_layers * batch > 1 << 22
     {
-        return Err(bad("implausibly large store dimensions".into()));
+        return Err(bad(format!(
+            "implausible store dimensions: {num_layers} layers, batch {batch}, {heads} heads of {d}"
+        )));
     }
     let s = |k: &str| -> Result<String> {
         h.get(k)
@@ -274,7 +277,8 @@ pub fn load(path: &Path) -> Result<KVStore> {
         let next_pos = sq
             .get("next_pos")
             .and_then(Value::as_i64)
-            .ok_or_else(|| bad("next_pos".into()))?;
+            .filter(|p| (0..i32::MAX as i64).contains(p))
+            .ok_or_else(|| bad("next_pos missing or out of range".into()))?;
         let mut seq = Seq::default();
         seq.next_pos = next_pos;
         for p in sq
@@ -329,6 +333,13 @@ pub fn load(path: &Path) -> Result<KVStore> {
             }
             if bits < 16 {
                 check_scales(&page, &lay).map_err(|m| bad(format!("page {idx}: {m}")))?;
+            }
+            if window
+                && page.tags()[start..len]
+                    .iter()
+                    .any(|t| ![2, 3, 4, 8].contains(t))
+            {
+                return Err(bad(format!("page {idx}: a window tag is not a bit width")));
             }
             if window {
                 seq.window.push_back(Arc::new(page));

@@ -861,6 +861,11 @@ fn drain_window(m: &Meta, seq: &mut Seq, mut n: usize, into: &mut Staged) {
         let Some(front) = seq.window.front_mut() else {
             break;
         };
+        if front.live() == 0 {
+            // Emptied by a truncate (it may still have room): nothing to drain here.
+            seq.window.pop_front();
+            continue;
+        }
         let page = Arc::make_mut(front);
         let lay = m.layout(16);
         let take = page.live().min(n);
@@ -878,11 +883,18 @@ fn drain_window(m: &Meta, seq: &mut Seq, mut n: usize, into: &mut Staged) {
                     .extend(vv[u * d..(u + 1) * d].iter().map(|x| fmt.decode(*x)));
             }
             into.pos.push(page.positions()[u]);
-            into.tag.push(page.tags()[u]);
+            // Window tags are target widths; anything else (a damaged file) falls back to
+            // the store's default rather than reaching the quantizers.
+            let tag = page.tags()[u];
+            into.tag.push(if matches!(tag, 2 | 3 | 4 | 8) {
+                tag
+            } else {
+                m.cfg.bits
+            });
         }
         page.start += take;
         n -= take;
-        if page.live() == 0 && !page.has_room() {
+        if page.live() == 0 {
             seq.window.pop_front();
         } else {
             page.refresh_range();

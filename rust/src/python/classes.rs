@@ -359,6 +359,7 @@ impl PyPlan {
 }
 
 /// A zero-copy view of one page's bytes (`torch.from_dlpack(buf)` or `numpy.from_dlpack`).
+/// Read only: the store may share the page; writing through the view corrupts the store.
 #[pyclass(name = "PageBuffer", module = "rotatekv", frozen)]
 pub struct PyPageBuffer {
     page: Arc<Page>,

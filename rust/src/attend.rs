@@ -338,12 +338,14 @@ pub fn attend_at(
 fn run_item(level: Level, ctx: &Ctx, it: &Item) -> Partial {
     #[cfg(target_arch = "x86_64")]
     {
+        // SAFETY: only called below after `level` confirmed these CPU features.
         #[target_feature(
             enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2"
         )]
         unsafe fn v512(ctx: &Ctx, it: &Item) -> Partial {
             run_item_body::<true, true>(ctx, it)
         }
+        // SAFETY: as above.
         #[target_feature(enable = "avx2,fma,f16c,bmi2")]
         unsafe fn v256(ctx: &Ctx, it: &Item) -> Partial {
             run_item_body::<true, false>(ctx, it)
@@ -421,6 +423,7 @@ impl QInt {
 /// tokens whose value rows are one quantization group: with `v = s*code + z`, the weights
 /// `p*s` are rounded per row to i16 (relative 2^-16 of the row's largest weight) and summed
 /// against pairs of tokens' codes with `vpdpwssd`; the `p*z` term is summed in f32.
+// SAFETY: callers must run on a CPU with AVX-512 F/BW and VNNI (the VNNI build of run_item).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn pv_vnni<const CAP: usize, const B: u8>(
@@ -520,6 +523,7 @@ unsafe fn pv_vnni<const CAP: usize, const B: u8>(
 /// with per-token key groups, in integer arithmetic: channel pairs of the codes against the
 /// queries' i16 pairs with `vpdpwssd` (exact i32 sums), then `s * scale_q * Σ + z * Σq` in
 /// f32. `rows` are global query-row indices into `qi`.
+// SAFETY: callers must run on a CPU with AVX-512 F/BW and VNNI (the VNNI build of run_item).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::too_many_arguments)]

@@ -85,8 +85,10 @@ macro_rules! multiversion {
         $vis fn $name(level: $crate::simd::Level, $($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                // SAFETY: only called below after `level` confirmed these CPU features.
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")]
                 unsafe fn v512($($arg: $ty),*) $(-> $ret)? { $body::<true>($($arg),*) }
+                // SAFETY: as above.
                 #[target_feature(enable = "avx2,fma,f16c,bmi2")]
                 unsafe fn v256($($arg: $ty),*) $(-> $ret)? { $body::<true>($($arg),*) }
                 match level {

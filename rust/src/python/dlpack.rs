@@ -58,6 +58,7 @@ pub struct DLManagedTensor {
     /// Producer's context.
     pub manager_ctx: *mut c_void,
     /// Frees the tensor.
+    // SAFETY: called at most once, by whoever owns the tensor, with this struct's address.
     pub deleter: Option<unsafe extern "C" fn(*mut DLManagedTensor)>,
 }
 
@@ -127,6 +128,7 @@ struct Export {
     shape: [i64; 1],
 }
 
+// SAFETY: called by the capsule destructor or the consumer, once, with our DLManagedTensor.
 unsafe extern "C" fn export_deleter(mt: *mut DLManagedTensor) {
     if mt.is_null() {
         return;

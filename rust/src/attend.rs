@@ -419,6 +419,29 @@ impl QInt {
     }
 }
 
+/// 16 bytes at `o0` and 16 at `o1`, widened to 32-bit lanes and paired: lane `j` holds byte
+/// `j` of the first run in its low 16 bits and byte `j` of the second in its high 16 bits
+/// (the operand layout of `vpdpwssd`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn pair16(bytes: &[u8], o0: usize, o1: usize) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let r0: &[u8; 16] = bytes[o0..o0 + 16].try_into().expect("16 bytes");
+    let r1: &[u8; 16] = bytes[o1..o1 + 16].try_into().expect("16 bytes");
+    // SAFETY: both references cover 16 readable bytes; the loads are unaligned.
+    let (a, b) = unsafe {
+        (
+            _mm_loadu_si128(r0.as_ptr() as *const __m128i),
+            _mm_loadu_si128(r1.as_ptr() as *const __m128i),
+        )
+    };
+    _mm512_or_si512(
+        _mm512_cvtepu8_epi32(a),
+        _mm512_slli_epi32::<16>(_mm512_cvtepu8_epi32(b)),
+    )
+}
+
 /// `dst[x][c] += Σ_t p[x][t] * v[t][c]` for up to four rows over a 2- or 4-bit page of 64
 /// tokens whose value rows are one quantization group: with `v = s*code + z`, the weights
 /// `p*s` are rounded per row to i16 (relative 2^-16 of the row's largest weight) and summed
@@ -478,16 +501,7 @@ unsafe fn pv_vnni<const CAP: usize, const B: u8>(
         let mut acc = [[_mm512_setzero_si512(); 4]; 4];
         for u in (u0..u1).step_by(2) {
             let o0 = base + lay.v_codes + u * v_row + h * 16;
-            let o1 = o0 + v_row;
-            let r0: &[u8; 16] = bytes[o0..o0 + 16].try_into().expect("16 bytes");
-            let r1: &[u8; 16] = bytes[o1..o1 + 16].try_into().expect("16 bytes");
-            // SAFETY: both references cover 16 readable bytes; unaligned loads.
-            let x0 =
-                _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(r0.as_ptr() as *const __m128i) });
-            // SAFETY: as above.
-            let x1 =
-                _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(r1.as_ptr() as *const __m128i) });
-            let w = _mm512_or_si512(x0, _mm512_slli_epi32::<16>(x1));
+            let w = pair16(bytes, o0, o0 + v_row);
             let wb: [__m512i; 4] = std::array::from_fn(|x| _mm512_set1_epi32(wp[x][u / 2]));
             for sp in 0..planes {
                 let plane = _mm512_and_si512(
@@ -559,16 +573,7 @@ unsafe fn scores_vnni<const CAP: usize, const B: u8>(
                 std::array::from_fn(|x| _mm512_set1_epi32(qi.pairs[rows[x] * hd + c / 2]));
             for h in 0..chunks {
                 let o0 = base + c * k_row + h * 16;
-                let o1 = o0 + k_row;
-                let r0: &[u8; 16] = bytes[o0..o0 + 16].try_into().expect("16 bytes");
-                let r1: &[u8; 16] = bytes[o1..o1 + 16].try_into().expect("16 bytes");
-                // SAFETY: both references cover 16 readable bytes; unaligned loads.
-                let x0 =
-                    _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(r0.as_ptr() as *const __m128i) });
-                // SAFETY: as above.
-                let x1 =
-                    _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(r1.as_ptr() as *const __m128i) });
-                let w = _mm512_or_si512(x0, _mm512_slli_epi32::<16>(x1));
+                let w = pair16(bytes, o0, o0 + k_row);
                 for sp in 0..planes {
                     let plane = _mm512_and_si512(
                         _mm512_srlv_epi32(w, _mm512_set1_epi32(sp as i32 * B as i32)),

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import rotatekv
-from rotatekv import KVStore, QuantConfig, RotationPlan
+from rotatekv import KVStore, demo
 
 HQ, HKV, D = 32, 8, 128
 GQA = HQ // HKV
@@ -103,42 +103,9 @@ def inv_freq() -> torch.Tensor:
     return 1.0 / (ROPE_THETA ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
 
 
-def unrope(k: torch.Tensor, freq: torch.Tensor, start: int) -> torch.Tensor:
-    """Inverse RoPE (rotate_half convention) of keys at positions ``start, start+1, ...``."""
-    t = torch.arange(start, start + k.shape[2], dtype=torch.float32)
-    ang = torch.outer(t, freq)
-    cos = torch.cat([ang.cos(), ang.cos()], -1)
-    sin = torch.cat([ang.sin(), ang.sin()], -1)
-    half = k.shape[-1] // 2
-    rot = torch.cat([-k[..., half:], k[..., :half]], -1)
-    return k * cos - rot * sin
-
-
 def build_store(k: torch.Tensor, v: torch.Tensor, bits: int, mode: str) -> KVStore:
     """A one-layer store of ``k, v`` appended ``CHUNK`` tokens at a time."""
-    batch, _, context, _ = k.shape
-    freq = inv_freq()
-    if mode == "none":
-        plan = RotationPlan.identity(1, HKV, D)
-    else:
-        plan = RotationPlan.hadamard(1, HKV, D, mode=mode)
-    store = KVStore(
-        1,
-        HKV,
-        D,
-        batch_size=batch,
-        config=QuantConfig(bits=bits),
-        plan=plan,
-        rope_inv_freq=freq if mode == "pre_rope" else None,
-    )
-    for t0 in range(0, context, CHUNK):
-        t1 = min(context, t0 + CHUNK)
-        kc = k[:, :, t0:t1]
-        if mode == "pre_rope":
-            # Keys enter before RoPE; the store rotates them at their positions in attend.
-            kc = unrope(kc, freq, t0)
-        store.append(0, kc, v[:, :, t0:t1])
-    return store
+    return demo.build_store(k, v, bits, mode, inv_freq(), chunk=CHUNK)
 
 
 def sdpa_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:

@@ -66,25 +66,7 @@ def run_demo(context: int = 16384, batch: int = 1, repeats: int = 5) -> None:
         ("rotatekv 2-bit, post-RoPE Hadamard", 2, "post_rope"),
         ("rotatekv 2-bit, pre-RoPE grouped", 2, "pre_rope"),
     ):
-        if mode == "none":
-            plan = RotationPlan.identity(1, HKV, D)
-        else:
-            plan = RotationPlan.hadamard(1, HKV, D, mode=mode)
-        store = KVStore(
-            1,
-            HKV,
-            D,
-            batch_size=batch,
-            config=QuantConfig(bits=bits),
-            plan=plan,
-            rope_inv_freq=inv_freq if mode == "pre_rope" else None,
-        )
-        if mode == "pre_rope":
-            # Keys enter before RoPE; the store applies RoPE at each key's position, so the
-            # reference keys are the RoPE'd versions of what we append.
-            store.append(0, _unrope(k, inv_freq), v)
-        else:
-            store.append(0, k, v)
+        store = build_store(k, v, bits, mode, inv_freq)
 
         att = functools.partial(store.attend, 0, q)
 
@@ -118,12 +100,46 @@ def run_demo(context: int = 16384, batch: int = 1, repeats: int = 5) -> None:
         )
 
 
-def _unrope(k: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Inverse RoPE (rotate_half convention) at positions 0..T-1."""
-    t = torch.arange(k.shape[2], dtype=torch.float32)
+def unrope(k: torch.Tensor, inv_freq: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Inverse RoPE (rotate_half convention) of keys at positions ``start, start+1, ...``."""
+    t = torch.arange(start, start + k.shape[2], dtype=torch.float32)
     ang = torch.outer(t, inv_freq)
     cos = torch.cat([ang.cos(), ang.cos()], -1)
     sin = torch.cat([ang.sin(), ang.sin()], -1)
     half = k.shape[-1] // 2
     rot = torch.cat([-k[..., half:], k[..., :half]], -1)
     return k * cos - rot * sin
+
+
+def build_store(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bits: int,
+    mode: str,
+    inv_freq: torch.Tensor,
+    chunk: int = 4096,
+) -> KVStore:
+    """A one-layer store of post-RoPE ``k, v`` ``[B, Hkv, T, D]``, appended ``chunk`` tokens at
+    a time. Mode ``"none"`` uses no rotation; ``"pre_rope"`` appends the keys with RoPE undone,
+    since the store applies RoPE itself at each key's position."""
+    batch, hkv, context, d = k.shape
+    if mode == "none":
+        plan = RotationPlan.identity(1, hkv, d)
+    else:
+        plan = RotationPlan.hadamard(1, hkv, d, mode=mode)
+    store = KVStore(
+        1,
+        hkv,
+        d,
+        batch_size=batch,
+        config=QuantConfig(bits=bits),
+        plan=plan,
+        rope_inv_freq=inv_freq if mode == "pre_rope" else None,
+    )
+    for t0 in range(0, context, chunk):
+        t1 = min(context, t0 + chunk)
+        kc = k[:, :, t0:t1]
+        if mode == "pre_rope":
+            kc = unrope(kc, inv_freq, t0)
+        store.append(0, kc, v[:, :, t0:t1])
+    return store

@@ -30,10 +30,17 @@ the four stores).
 
 from __future__ import annotations
 
+import os
+
+# libgomp's idle worker threads spin for a while after each torch op; on a 2-core machine
+# they take a core away from whatever runs next (a rotatekv call right after a torch call ran
+# 1.3-1.5x slower). Sleeping idle threads leave torch's own times unchanged (measured).
+# Must be set before torch starts its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import gc
 import json
-import os
 import platform
 import statistics
 import sys

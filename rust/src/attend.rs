@@ -22,7 +22,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::hadamard::cols_body;
+use crate::hadamard::cols_raw_body;
 use crate::page::{Layout, Page};
 use crate::quant::{affine_scalar, unpack_row_f32};
 use crate::rope::sincos_f32_angle;
@@ -698,6 +698,28 @@ fn key_tile<const FMA: bool, const CAP: usize, const B: u8>(
     let d = m.d;
     let gh = hps.len();
     let gl = gh * d;
+    if B < 16 && !lay.per_channel {
+        // Per-token scales: one group's scale and zero rows stay in registers across its
+        // channels instead of being reloaded per channel.
+        let bytes = page.bytes();
+        for (hh, hp) in hps.iter().enumerate() {
+            let base = lay.head(g * gh + hh);
+            for gi in 0..d / m.group {
+                let (s, z) = (hp.s[gi], hp.z[gi]);
+                for c in gi * m.group..(gi + 1) * m.group {
+                    let j = hh * d + c;
+                    let dst = perm.map_or(j, |p| p[g * gl + j] as usize);
+                    let out = &mut tile[dst];
+                    let off = base + c * lay.k_row;
+                    unpack_row_f32(&bytes[off..off + lay.k_row], B, out);
+                    for t in 0..CAP {
+                        out[t] = madd::<FMA>(out[t], s[t], z[t]);
+                    }
+                }
+            }
+        }
+        return;
+    }
     for j in 0..gl {
         let dst = perm.map_or(j, |p| p[g * gl + j] as usize);
         let hh = j / d;
@@ -879,6 +901,62 @@ fn tile_scores<const FMA: bool, const CAP: usize>(
     acc
 }
 
+/// [`tile_scores`] for pre-RoPE keys: rows `i` and `i + half` (`i < half`) of the
+/// channel-major tile are rotated by RoPE (`cos`/`sin`: `[half][CAP]`, scaling included) in
+/// registers on their way into the dot products, so the rotated tile is never stored; rows
+/// past `2 * half` (partial rotary) pass through.
+#[inline(always)]
+fn tile_scores_rope<const FMA: bool, const CAP: usize>(
+    tile: &[[f32; CAP]],
+    cos: &[[f32; CAP]],
+    sin: &[[f32; CAP]],
+    q4: [&[f32]; 4],
+) -> [[f32; CAP]; 4] {
+    // 32 tokens at a time: 8 accumulators plus the rotated pair stay in registers.
+    const W: usize = 32;
+    let d = tile.len();
+    let half = cos.len().min(sin.len()).min(d / 2);
+    let q4 = q4.map(|q| &q[..d]);
+    let mut out = [[0f32; CAP]; 4];
+    for t0 in (0..CAP).step_by(W) {
+        fn w<const CAP: usize, const W: usize>(row: &[f32; CAP], t0: usize) -> &[f32; W] {
+            (&row[t0..t0 + W]).try_into().expect("W tokens")
+        }
+        let mut acc = [[0f32; W]; 4];
+        for i in 0..half {
+            let (a, b): (&[f32; W], &[f32; W]) = (w(&tile[i], t0), w(&tile[i + half], t0));
+            let (c, s): (&[f32; W], &[f32; W]) = (w(&cos[i], t0), w(&sin[i], t0));
+            let qa = [q4[0][i], q4[1][i], q4[2][i], q4[3][i]];
+            let qb = [
+                q4[0][i + half],
+                q4[1][i + half],
+                q4[2][i + half],
+                q4[3][i + half],
+            ];
+            for t in 0..W {
+                let ra = madd::<FMA>(a[t], c[t], -(b[t] * s[t]));
+                let rb = madd::<FMA>(b[t], c[t], a[t] * s[t]);
+                for x in 0..4 {
+                    acc[x][t] = madd::<FMA>(qa[x], ra, madd::<FMA>(qb[x], rb, acc[x][t]));
+                }
+            }
+        }
+        for (c, row) in tile.iter().enumerate().skip(2 * half) {
+            let r: &[f32; W] = w(row, t0);
+            for x in 0..4 {
+                let qc = q4[x][c];
+                for t in 0..W {
+                    acc[x][t] = madd::<FMA>(qc, r[t], acc[x][t]);
+                }
+            }
+        }
+        for x in 0..4 {
+            out[x][t0..t0 + W].copy_from_slice(&acc[x]);
+        }
+    }
+    out
+}
+
 /// Max and sum of a score row, in 16 lanes so that the reductions vectorize.
 #[inline(always)]
 fn row_max<const CAP: usize>(s: &[f32; CAP]) -> f32 {
@@ -1026,26 +1104,16 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
                     8 => key_tile::<FMA, CAP, 8>(m, page, lay, &hps, g, pm, &mut tile),
                     _ => key_tile::<FMA, CAP, 16>(m, page, lay, &hps, g, pm, &mut tile),
                 }
+                // The transform runs unnormalized; its 1/sqrt(n) scales the scores instead,
+                // which saves a pass over the tile.
+                let mut kscale = 1.0f32;
                 if quant && !use_rot_q {
                     if let Some(h) = &m.had_k {
-                        cols_body::<FMA>(h, tile.as_flattened_mut(), CAP, true);
+                        cols_raw_body(h, tile.as_flattened_mut(), CAP, true);
+                        kscale = h.norm();
                     }
                 }
-                if pre_rope && !use_rot_q {
-                    for hh in 0..gh {
-                        for i in 0..half {
-                            let (lo, hi) = tile.split_at_mut(hh * d + i + half);
-                            let a = &mut lo[hh * d + i];
-                            let bb = &mut hi[0];
-                            let (c, s) = (&cos[i], &sin[i]);
-                            for t in 0..CAP {
-                                let (x, y) = (a[t], bb[t]);
-                                a[t] = x * c[t] - y * s[t];
-                                bb[t] = y * c[t] + x * s[t];
-                            }
-                        }
-                    }
-                }
+                let rope_rows = pre_rope && !use_rot_q;
                 let qsrc: &[f32] = if use_rot_q {
                     ctx.q_rot.as_deref().expect("rotated queries")
                 } else {
@@ -1058,7 +1126,15 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
                         let k = (nr - r).min(4);
                         let q4: [&[f32]; 4] =
                             std::array::from_fn(|x| &qsrc[q_of(qsrc, kh, r + x % k)]);
-                        let acc = tile_scores::<FMA, CAP>(&tile[hh * d..(hh + 1) * d], q4);
+                        let kt = &tile[hh * d..(hh + 1) * d];
+                        let mut acc = if rope_rows {
+                            tile_scores_rope::<FMA, CAP>(kt, &cos, &sin, q4)
+                        } else {
+                            tile_scores::<FMA, CAP>(kt, q4)
+                        };
+                        if kscale != 1.0 {
+                            acc.iter_mut().flatten().for_each(|x| *x *= kscale);
+                        }
                         scores[hh * nr + r..hh * nr + r + k].copy_from_slice(&acc[..k]);
                         r += k;
                     }

@@ -166,6 +166,11 @@ impl Hadamard {
         cols_at(simd::level(), self, x, w, true)
     }
 
+    /// The normalization `1/sqrt(n)` that [`cols_raw_body`] leaves out.
+    pub fn norm(&self) -> f32 {
+        self.norm
+    }
+
     /// The dense matrix `H` (row-major, normalized): the reference the fast paths are
     /// tested against.
     pub fn matrix(&self) -> Vec<f32> {
@@ -195,6 +200,15 @@ multiversion! {
 
 #[inline(always)]
 pub(crate) fn cols_body<const FMA: bool>(h: &Hadamard, x: &mut [f32], w: usize, inverse: bool) {
+    cols_raw_body(h, x, w, inverse);
+    let norm = h.norm;
+    x.iter_mut().for_each(|v| *v *= norm);
+}
+
+/// `X <- sqrt(n) * H X` (or `Hᵀ`): the transform without its normalization, for callers
+/// that fold the factor [`Hadamard::norm`] into a later multiply instead of a pass over `X`.
+#[inline(always)]
+pub(crate) fn cols_raw_body(h: &Hadamard, x: &mut [f32], w: usize, inverse: bool) {
     let n = h.n;
     assert_eq!(x.len(), n * w, "hadamard block length");
     let p = h.pow2;
@@ -211,9 +225,9 @@ pub(crate) fn cols_body<const FMA: bool>(h: &Hadamard, x: &mut [f32], w: usize, 
     };
     for blk in x.chunks_exact_mut(p * w) {
         for sb in blk.chunks_exact_mut(sub * w) {
-            butterflies(sb, sub, w, 1, sub);
+            butterflies(sb, sub, w, w, 1, sub);
         }
-        butterflies(blk, p, w, sub, p);
+        butterflies(blk, p, w, w, sub, p);
     }
     if h.m > 1 {
         // Dense S_m across the m blocks, one column-row (c) at a time.
@@ -241,20 +255,71 @@ pub(crate) fn cols_body<const FMA: bool>(h: &Hadamard, x: &mut [f32], w: usize, 
             }
         }
     }
-    let norm = h.norm;
-    x.iter_mut().for_each(|v| *v *= norm);
 }
 
-/// Sylvester butterfly stages `len = from, 2*from, .. < to` over `rows` rows of `w` columns.
+/// Eight disjoint `w`-long rows of `blk`, `stride` apart.
 #[inline(always)]
-fn butterflies(blk: &mut [f32], rows: usize, w: usize, from: usize, to: usize) {
+fn rows8(blk: &mut [f32], stride: usize, w: usize) -> [&mut [f32]; 8] {
+    let (r0, rest) = blk.split_at_mut(stride);
+    let (r1, rest) = rest.split_at_mut(stride);
+    let (r2, rest) = rest.split_at_mut(stride);
+    let (r3, rest) = rest.split_at_mut(stride);
+    let (r4, rest) = rest.split_at_mut(stride);
+    let (r5, rest) = rest.split_at_mut(stride);
+    let (r6, r7) = rest.split_at_mut(stride);
+    [
+        &mut r0[..w],
+        &mut r1[..w],
+        &mut r2[..w],
+        &mut r3[..w],
+        &mut r4[..w],
+        &mut r5[..w],
+        &mut r6[..w],
+        &mut r7[..w],
+    ]
+}
+
+/// Sylvester butterfly stages `len = from, 2*from, .. < to` over `rows` rows of `w` columns,
+/// row `r` starting at `r * rs` (`rs = w` for contiguous rows).
+#[inline(always)]
+fn butterflies(blk: &mut [f32], rows: usize, w: usize, rs: usize, from: usize, to: usize) {
     let mut len = from;
+    // Stages left: three per pass (radix 8) while that leaves no lone stage, since every
+    // pass over a block that does not fit in L1 costs a trip to L2.
+    let stages = |len: usize| (to / len).trailing_zeros();
+    while stages(len) >= 3 && stages(len) != 4 {
+        for i in (0..rows).step_by(8 * len) {
+            for j in i..i + len {
+                let r = rows8(&mut blk[j * rs..], len * rs, w);
+                let [a0, a1, a2, a3, a4, a5, a6, a7] = r;
+                for col in 0..w {
+                    let (b0, b1) = (a0[col] + a1[col], a0[col] - a1[col]);
+                    let (b2, b3) = (a2[col] + a3[col], a2[col] - a3[col]);
+                    let (b4, b5) = (a4[col] + a5[col], a4[col] - a5[col]);
+                    let (b6, b7) = (a6[col] + a7[col], a6[col] - a7[col]);
+                    let (c0, c2) = (b0 + b2, b0 - b2);
+                    let (c1, c3) = (b1 + b3, b1 - b3);
+                    let (c4, c6) = (b4 + b6, b4 - b6);
+                    let (c5, c7) = (b5 + b7, b5 - b7);
+                    a0[col] = c0 + c4;
+                    a4[col] = c0 - c4;
+                    a1[col] = c1 + c5;
+                    a5[col] = c1 - c5;
+                    a2[col] = c2 + c6;
+                    a6[col] = c2 - c6;
+                    a3[col] = c3 + c7;
+                    a7[col] = c3 - c7;
+                }
+            }
+        }
+        len *= 8;
+    }
     while 2 * len < to {
         for i in (0..rows).step_by(4 * len) {
             for j in i..i + len {
-                let (r0, rest) = blk[j * w..].split_at_mut(len * w);
-                let (r1, rest) = rest.split_at_mut(len * w);
-                let (r2, rest) = rest.split_at_mut(len * w);
+                let (r0, rest) = blk[j * rs..].split_at_mut(len * rs);
+                let (r1, rest) = rest.split_at_mut(len * rs);
+                let (r2, rest) = rest.split_at_mut(len * rs);
                 let (a, b, c, d) = (&mut r0[..w], &mut r1[..w], &mut r2[..w], &mut rest[..w]);
                 for col in 0..w {
                     let (s0, d0) = (a[col] + b[col], a[col] - b[col]);
@@ -271,8 +336,8 @@ fn butterflies(blk: &mut [f32], rows: usize, w: usize, from: usize, to: usize) {
     if len < to {
         for i in (0..rows).step_by(2 * len) {
             for j in i..i + len {
-                let (lo, hi) = blk.split_at_mut((j + len) * w);
-                let a = &mut lo[j * w..j * w + w];
+                let (lo, hi) = blk.split_at_mut((j + len) * rs);
+                let a = &mut lo[j * rs..j * rs + w];
                 let b = &mut hi[..w];
                 for (u, v) in a.iter_mut().zip(b.iter_mut()) {
                     let (s, d) = (*u + *v, *u - *v);

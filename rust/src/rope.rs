@@ -64,33 +64,29 @@ impl Rope {
     }
 }
 
-/// `(cos x, sin x)` of an f32 angle, accurate to f32 rounding: f64 Cody-Waite reduction by
-/// pi/2 and Taylor polynomials on [-pi/4, pi/4]. Branch-free so that loops vectorize.
+/// `(cos x, sin x)` of an f32 angle, accurate to about one f32 ulp: f64 Cody-Waite
+/// reduction by pi/2 (exact enough for any f32 angle a position can make), then f32 minimax
+/// polynomials on [-pi/4, pi/4] (Cephes' `sinf`/`cosf` coefficients), which run at twice the
+/// f64 lane count. Branch-free so that loops vectorize.
 #[inline(always)]
 pub fn sincos_f32_angle(x: f32) -> (f32, f32) {
     const PIO2_1: f64 = 1.570_796_326_734_125_6; // first 33 bits of pi/2
     const PIO2_1T: f64 = 6.077_100_506_506_192e-11; // pi/2 - PIO2_1
-    let x = x as f64;
+    let xd = x as f64;
     // floor(x + 0.5) and float-only quadrant logic keep the loop vectorizable (`round` and
     // saturating `as i64` casts do not vectorize well).
-    let k = (x * std::f64::consts::FRAC_2_PI + 0.5).floor();
-    let r = (x - k * PIO2_1) - k * PIO2_1T;
+    let k = (xd * std::f64::consts::FRAC_2_PI + 0.5).floor();
+    let r = ((xd - k * PIO2_1) - k * PIO2_1T) as f32;
+    let q = (k - 4.0 * (k * 0.25).floor()) as f32; // 0, 1, 2 or 3
     let r2 = r * r;
-    let s = r
-        * (1.0
-            + r2 * (-1.0 / 6.0
-                + r2 * (1.0 / 120.0
-                    + r2 * (-1.0 / 5040.0 + r2 * (1.0 / 362_880.0 + r2 * (-1.0 / 39_916_800.0))))));
-    let c = 1.0
-        + r2 * (-0.5
-            + r2 * (1.0 / 24.0
-                + r2 * (-1.0 / 720.0 + r2 * (1.0 / 40_320.0 + r2 * (-1.0 / 3_628_800.0)))));
-    let q = k - 4.0 * (k * 0.25).floor(); // 0, 1, 2 or 3
+    let s = r + r * r2 * (-1.666_665_5e-1 + r2 * (8.332_161e-3 + r2 * -1.951_529_6e-4));
+    let c =
+        1.0 - 0.5 * r2 + r2 * r2 * (4.166_664_6e-2 + r2 * (-1.388_731_6e-3 + r2 * 2.443_315_7e-5));
     let odd = q == 1.0 || q == 3.0;
     let (sv, cv) = (if odd { c } else { s }, if odd { -s } else { c });
     let neg = q >= 2.0;
     let (sv, cv) = (if neg { -sv } else { sv }, if neg { -cv } else { cv });
-    (cv as f32, sv as f32)
+    (cv, sv)
 }
 
 #[cfg(test)]

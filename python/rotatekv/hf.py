@@ -1,0 +1,451 @@
+"""transformers integration: a model whose KV cache is a packed :class:`rotatekv.KVStore`.
+
+``enable(model, plan, config)`` registers an attention function and a mask function named
+``"rotatekv"`` with transformers, switches the model to them and makes ``model(...)`` and
+``model.generate(...)`` use a :class:`RotateKVCache` unless the caller passes a cache.
+
+How a step runs (public transformers hooks only, so every decoder that uses transformers'
+standard rotary attention works unchanged):
+
+1. the model projects q/k/v, applies its per-head norms and RoPE, then calls
+   ``cache.update(k, v, layer, kwargs={"position_ids": ...})``;
+2. :class:`RotateKVLayer.update` undoes RoPE on the new keys when the plan stores keys before
+   RoPE (``R(-theta p) k / attention_scaling``, the model's own ``inv_freq``), and returns a
+   handle instead of tensors: nothing full precision is kept beyond the current chunk;
+3. the registered attention function receives the handle, the query (after RoPE) and the 2D
+   padding mask (handed over by the registered mask function); it appends the chunk to the
+   store (padding dropped through ``valid``), then runs the fused attention over the packed
+   store, causal by position, with the layer's sliding window, soft-cap and scaling.
+
+Tested against transformers 5.24.0 (see README).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import AttentionInterface
+
+from . import KVStore, QuantConfig, RotationPlan
+from ._rotatekv import ArgumentError, RotateKVError
+
+ATTN_NAME = "rotatekv"
+_STATE_ATTR = "_rotatekv_state"
+
+
+@dataclass(frozen=True)
+class LayerRope:
+    """RoPE of one attention layer as transformers computes it."""
+
+    inv_freq: torch.Tensor  # float32, rotary_dim / 2 entries
+    scaling: float
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the cache needs to know of a model's attention layers."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    ropes: tuple[LayerRope, ...]
+    sliding: tuple[bool, ...]
+
+
+def _text_config(model: torch.nn.Module) -> Any:
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _rotary_module(model: torch.nn.Module) -> torch.nn.Module:
+    for name, mod in model.named_modules():
+        if name.endswith("rotary_emb"):
+            return mod
+    raise ArgumentError(
+        "model: expected a transformers decoder with a `rotary_emb` module (standard rotary "
+        f"attention), found none in {type(model).__name__}"
+    )
+
+
+def model_spec(model: torch.nn.Module) -> ModelSpec:
+    """Layer count, KV heads, head size, per-layer RoPE and sliding flags of ``model``."""
+    cfg = _text_config(model)
+    n = int(cfg.num_hidden_layers)
+    hkv = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    d = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    rot = _rotary_module(model)
+    types = list(getattr(cfg, "layer_types", None) or [])
+    ropes = []
+    for i in range(n):
+        lt = types[i] if i < len(types) else None
+        if lt is not None and hasattr(rot, f"{lt}_inv_freq"):
+            inv = getattr(rot, f"{lt}_inv_freq")
+            scale = getattr(rot, f"{lt}_attention_scaling")
+        else:
+            inv, scale = rot.inv_freq, rot.attention_scaling
+        ropes.append(LayerRope(inv.detach().to("cpu", torch.float32).clone(), float(scale)))
+    sliding = tuple(
+        (types[i] == "sliding_attention") if i < len(types) else False for i in range(n)
+    )
+    return ModelSpec(n, hkv, d, tuple(ropes), sliding)
+
+
+def unrope(k: torch.Tensor, positions: torch.Tensor, rope: LayerRope) -> torch.Tensor:
+    """Keys before RoPE from keys after it: ``R(-theta p) k / scaling`` in float32.
+
+    ``k``: ``[B, H, T, D]``; ``positions``: ``[B, T]``. Angles are computed exactly as
+    transformers does (float32 ``p * inv_freq``), so un-rotation inverts the model's rotation
+    to float rounding. Channels past the rotary width pass through.
+    """
+    inv = rope.inv_freq.to(k.device)
+    rd = 2 * inv.numel()
+    ang = positions.to(torch.float32)[..., None] * inv  # [B, T, rd/2]
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None]
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None]
+    kf = k.to(torch.float32)
+    kr = kf[..., :rd]
+    half = rd // 2
+    rot = torch.cat([-kr[..., half:], kr[..., :half]], -1)
+    out = (kr * cos - rot * sin) / rope.scaling
+    if rd < kf.shape[-1]:
+        out = torch.cat([out, kf[..., rd:]], -1)
+    return out
+
+
+@dataclass
+class _Pending:
+    """What ``update`` hands to the attention function: the chunk to append."""
+
+    cache: RotateKVCache
+    layer: int
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor  # int64 [B, T]
+
+
+class RotateKVLayer(CacheLayerMixin):
+    """One decoder layer's view of a :class:`RotateKVCache` (transformers' layer protocol)."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache: RotateKVCache, layer: int, sliding: bool) -> None:
+        super().__init__()
+        self.cache = cache
+        self.layer = layer
+        self.is_sliding = sliding
+        # Slots as transformers counts them (padding included): masks index keys by slot.
+        self.slots = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.cache._ensure_stores(key_states.shape[0])
+        self.is_initialized = True
+
+    def update(  # type: ignore[override]
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        *args: Any,
+        kwargs: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> tuple[Any, Any]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, _, t, _ = key_states.shape
+        pos = (kwargs or {}).get("position_ids")
+        if pos is None:
+            pos = torch.arange(self.slots, self.slots + t, device=key_states.device)[None]
+        pos = pos.to(torch.int64).expand(b, t)
+        k = key_states
+        if self.cache.plan.mode == "pre_rope":
+            k = unrope(key_states, pos, self.cache.spec.ropes[self.layer])
+        self.slots += t
+        h = _Pending(self.cache, self.layer, k, value_states, pos)
+        return h, h
+
+    def get_seq_length(self) -> int:
+        return self.slots
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.slots + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.slots = 0
+        self.cache._clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        # The whole store is reordered once by RotateKVCache.reorder_cache.
+        pass
+
+
+class RotateKVCache(Cache):
+    """A transformers ``Cache`` backed by packed :class:`KVStore` s.
+
+    Layers that share RoPE parameters share one store (Gemma 3's sliding and full layers use
+    different RoPE bases, hence two stores). Stores are created at the first ``update``, when
+    the batch size is known.
+    """
+
+    def __init__(self, model: torch.nn.Module, plan: RotationPlan, config: QuantConfig) -> None:
+        self.spec = model_spec(model)
+        _check_plan(plan, self.spec)
+        self.plan = plan
+        self.config = config
+        super().__init__(
+            layers=[RotateKVLayer(self, i, s) for i, s in enumerate(self.spec.sliding)]
+        )
+        # Group layers by RoPE: (layers, rope) per store.
+        groups: dict[tuple[float, ...], list[int]] = {}
+        for i, r in enumerate(self.spec.ropes):
+            key = (r.scaling, *r.inv_freq.tolist())
+            groups.setdefault(key, []).append(i)
+        self._groups = list(groups.values())
+        self._where: dict[int, tuple[int, int]] = {}
+        for g, layers in enumerate(self._groups):
+            for j, i in enumerate(layers):
+                self._where[i] = (g, j)
+        self.stores: list[KVStore] = []
+        self.batch = 0
+
+    def _ensure_stores(self, batch: int) -> None:
+        if self.stores:
+            if batch != self.batch:
+                raise ArgumentError(
+                    f"key_states: expected batch {self.batch} (this cache's), got {batch}"
+                )
+            return
+        spec, plan = self.spec, self.plan
+        for layers in self._groups:
+            sub = _sub_plan(plan, layers)
+            rope = spec.ropes[layers[0]]
+            self.stores.append(
+                KVStore(
+                    len(layers),
+                    spec.num_kv_heads,
+                    spec.head_dim,
+                    batch_size=batch,
+                    config=self.config,
+                    plan=sub,
+                    rope_inv_freq=rope.inv_freq if plan.mode == "pre_rope" else None,
+                    rope_scaling=rope.scaling,
+                )
+            )
+        self.batch = batch
+
+    def store_of(self, layer: int) -> tuple[KVStore, int]:
+        """The store holding model layer ``layer`` and its index there."""
+        g, j = self._where[layer]
+        return self.stores[g], j
+
+    def _clear(self) -> None:
+        for s in self.stores:
+            s.clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for s in self.stores:
+            s.reorder(beam_idx.to("cpu"))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RotateKVError(
+            "crop: a RotateKVCache does not roll back by slot count; use KVStore.truncate"
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the packed stores."""
+        return sum(s.nbytes for s in self.stores)
+
+    def bits_per_element(self) -> float:
+        """Average stored bits per K/V element (scales, zeros and positions included)."""
+        tot = sum(s.nbytes for s in self.stores)
+        elems = 0
+        for s in self.stores:
+            for layer in range(s.num_layers):
+                elems += 2 * sum(s.seq_lens(layer)) * s.num_kv_heads * s.head_dim
+        return 8.0 * tot / elems if elems else 0.0
+
+
+def _check_plan(plan: RotationPlan, spec: ModelSpec) -> None:
+    got = (plan.num_layers, plan.num_kv_heads, plan.head_dim)
+    want = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
+    if got != want:
+        raise ArgumentError(
+            f"plan: expected a plan for (num_layers, num_kv_heads, head_dim) = {want} "
+            f"(this model), got {got}"
+        )
+
+
+def _sub_plan(plan: RotationPlan, layers: list[int]) -> RotationPlan:
+    if len(layers) == plan.num_layers:
+        return plan
+    return RotationPlan(
+        len(layers),
+        plan.num_kv_heads,
+        plan.head_dim,
+        mode=plan.mode,
+        group_heads=plan.group_heads,
+        rotate_values=plan.rotate_values,
+        key_perm=plan.key_perm[layers],
+        key_clip=[plan.key_clip[i] for i in layers],
+        value_clip=[plan.value_clip[i] for i in layers],
+    )
+
+
+def _padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **_: Any,
+) -> torch.Tensor | None:
+    """Mask function: hands the 2D padding mask of the cache's slots to the attention."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, kv_offset : kv_offset + kv_length]
+
+
+def _attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: Any,
+    value: Any,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    position_ids: torch.Tensor | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, None]:
+    if not isinstance(key, _Pending):
+        raise RotateKVError(
+            "attention: the 'rotatekv' attention needs a RotateKVCache; call the model through "
+            "rotatekv.hf.enable (which supplies one) or pass cache=rotatekv.hf.new_cache(model)"
+        )
+    h = key
+    store, layer = h.cache.store_of(h.layer)
+    b, _, t, _ = h.k.shape
+    valid = None
+    if attention_mask is not None:
+        if attention_mask.ndim != 2:
+            raise ArgumentError(
+                f"attention_mask: expected a 2D padding mask [batch, keys], got shape "
+                f"{tuple(attention_mask.shape)}"
+            )
+        valid = attention_mask[:, -t:].to("cpu", torch.bool)
+        if bool(valid.all()):
+            valid = None
+    store.append(layer, h.k, h.v, positions=h.positions, valid=valid)
+    tq = query.shape[2]
+    qpos = h.positions if position_ids is None else position_ids.to(torch.int64).expand(b, tq)
+    out = store.attend(
+        layer,
+        query,
+        positions=qpos,
+        causal=True,
+        scale=scaling,
+        window=sliding_window,
+        softcap=softcap,
+    )
+    return out.transpose(1, 2), None
+
+
+def _register() -> None:
+    AttentionInterface.register(ATTN_NAME, _attention)
+    AttentionMaskInterface.register(ATTN_NAME, _padding_mask)
+
+
+@dataclass
+class _State:
+    plan: RotationPlan
+    config: QuantConfig
+    previous_attn: str
+    forward: Callable[..., Any]
+    generate: Callable[..., Any]
+
+
+def new_cache(model: torch.nn.Module) -> RotateKVCache:
+    """A fresh cache for a model that :func:`enable` prepared."""
+    st = getattr(model, _STATE_ATTR, None)
+    if st is None:
+        raise ArgumentError("model: expected a model prepared by rotatekv.hf.enable")
+    return RotateKVCache(model, st.plan, st.config)
+
+
+def _has_cache(kwargs: dict[str, Any]) -> bool:
+    return kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+
+
+def enable(
+    model: torch.nn.Module,
+    plan: RotationPlan | None = None,
+    config: QuantConfig | None = None,
+) -> torch.nn.Module:
+    """Makes ``model``'s KV cache a packed store; returns the same model.
+
+    ``plan`` defaults to ``RotationPlan.hadamard(..., mode="pre_rope")`` (grouped heads),
+    ``config`` to ``QuantConfig()`` (2 bits). Calling it again replaces the settings;
+    :func:`disable` undoes it.
+    """
+    spec = model_spec(model)
+    if plan is None:
+        plan = RotationPlan.hadamard(spec.num_layers, spec.num_kv_heads, spec.head_dim)
+    if config is None:
+        config = QuantConfig()
+    if not isinstance(plan, RotationPlan):
+        raise ArgumentError(f"plan: expected a RotationPlan, got {type(plan).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise ArgumentError(f"config: expected a QuantConfig, got {type(config).__name__}")
+    _check_plan(plan, spec)
+    _register()
+    old = getattr(model, _STATE_ATTR, None)
+    if old is not None:
+        old.plan, old.config = plan, config
+        return model
+    prev = model.config._attn_implementation
+    st = _State(plan, config, prev, model.forward, model.generate)
+
+    @functools.wraps(st.forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not _has_cache(kwargs) and kwargs.get("use_cache", True) is not False:
+            kwargs["cache"] = new_cache(model)
+        elif kwargs.get("use_cache") is False:
+            # Attention runs through the store even without a kept cache.
+            kwargs["cache"] = new_cache(model)
+            kwargs["use_cache"] = True
+        return st.forward(*args, **kwargs)
+
+    @functools.wraps(st.generate)
+    def generate(*args: Any, **kwargs: Any) -> Any:
+        if not _has_cache(kwargs):
+            kwargs["cache"] = new_cache(model)
+        return st.generate(*args, **kwargs)
+
+    model.set_attn_implementation(ATTN_NAME)
+    setattr(model, _STATE_ATTR, st)
+    model.forward = forward  # type: ignore[method-assign]
+    model.generate = generate  # type: ignore[method-assign]
+    return model
+
+
+def disable(model: torch.nn.Module) -> torch.nn.Module:
+    """Undoes :func:`enable`: the model's own attention and cache again."""
+    st = getattr(model, _STATE_ATTR, None)
+    if st is None:
+        return model
+    del model.forward
+    del model.generate
+    delattr(model, _STATE_ATTR)
+    model.set_attn_implementation(st.previous_attn)
+    return model

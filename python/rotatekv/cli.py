@@ -4,6 +4,86 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="GGUF file or transformers directory")
+    p.add_argument("--text", default=None, help="UTF-8 text file (default: Wikipedia)")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--window-len", type=int, default=512)
+    p.add_argument("--calib-windows", type=int, default=8)
+    p.add_argument("--methods", default="fp16,rtn2,kivi2,quarot2,rotatekv2-paper,rotatekv2")
+    p.add_argument("--protocol", choices=("fake", "decode", "both"), default="both")
+    p.add_argument("--json", default=None, help="write results as JSON here")
+    p.add_argument("--plots", default=None, help="write key-channel plots (PNG) here")
+
+
+def _positive(name: str, v: int) -> None:
+    if v <= 0:
+        raise SystemExit(f"rotatekv: --{name}: expected a positive integer, got {v}")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``rotatekv eval``: perplexity of KV-cache methods (see rotatekv.eval)."""
+    import torch
+
+    from . import calibrate as cal_mod
+    from . import eval as ev
+    from . import models, text
+
+    for name in ("windows", "window_len", "calib_windows"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    methods = ev.parse_methods(args.methods)
+    protocols = ["fake", "decode"] if args.protocol == "both" else [args.protocol]
+    model, tok = models.load(args.model)
+    docs = text.load_texts(args.text)
+    windows, calib = text.split_windows(
+        tok, docs, args.windows, args.calib_windows, args.window_len
+    )
+    print(
+        f"model {args.model or 'SmolLM2-135M-Instruct (packaged)'}, "
+        f"{windows.shape[0]} windows x {windows.shape[1]} tokens, "
+        f"{calib.shape[0]} calibration windows, torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    rows = ev.evaluate(model, windows, methods, protocols, calib=calib)
+    print(ev.table(rows))
+    if args.json:
+        ev.write_json(args.json, args.model or "SmolLM2-135M-Instruct", args.text or "wikipedia",
+                      windows, rows)  # fmt: skip
+    if args.plots:
+        spec = ev.rh.model_spec(model)
+        data = cal_mod.collect(model, calib, progress=False)
+        cal = cal_mod.fit(data, spec, progress=False, **ev.METHODS["rotatekv2"].plan)
+        n = spec.num_layers
+        paths = ev.plot_channels(data, spec, cal, sorted({0, n // 2, n - 1}), Path(args.plots))
+        print("plots:", ", ".join(str(p) for p in paths))
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """``rotatekv calibrate``: fit a plan and sink rule, save them to one file."""
+    from . import calibrate as cal_mod
+    from . import models, text
+
+    _positive("windows", args.windows)
+    model, tok = models.load(args.model)
+    docs = text.load_texts(args.text)
+    _, calib = text.split_windows(tok, docs, 0, args.windows, args.window_len)
+    cal = cal_mod.calibrate(
+        model,
+        calib,
+        bits=args.bits,
+        mode=args.mode,
+        reorder=args.reorder,
+        clip=args.clip if args.clip in ("search", "fixed") else float(args.clip),
+        sinks=not args.no_sinks,
+    )
+    cal.save(args.out)
+    print(cal_mod.describe(cal))
+    print(f"saved {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -11,16 +91,45 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rotatekv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
-        "demo", help="memory and speed of the packed store against fp16, on synthetic data"
+        "demo",
+        help="the main job: calibrate, evaluate and generate on the packaged model "
+        "(--synthetic: kernel speed and memory on synthetic data)",
     )
+    demo.add_argument("--synthetic", action="store_true")
+    demo.add_argument("--windows", type=int, default=4)
+    demo.add_argument("--window-len", type=int, default=512)
     demo.add_argument("--context", type=int, default=16384)
     demo.add_argument("--batch", type=int, default=1)
     demo.add_argument("--repeats", type=int, default=5)
+    ev = sub.add_parser("eval", help="perplexity of KV-cache methods on a model")
+    _add_eval_args(ev)
+    cal = sub.add_parser("calibrate", help="fit a rotation plan and sink rule to a model")
+    cal.add_argument("--model", default=None)
+    cal.add_argument("--text", default=None)
+    cal.add_argument("--windows", type=int, default=8)
+    cal.add_argument("--window-len", type=int, default=512)
+    cal.add_argument("--bits", type=int, default=2)
+    cal.add_argument("--mode", choices=("pre_rope", "post_rope"), default="pre_rope")
+    cal.add_argument("--reorder", default="auto")
+    cal.add_argument("--clip", default="search", help="search, fixed or a ratio")
+    cal.add_argument("--no-sinks", action="store_true")
+    cal.add_argument("--out", required=True, help="safetensors file to write")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .demo import run_demo
+        if args.synthetic:
+            from .demo import run_demo
 
-        run_demo(context=args.context, batch=args.batch, repeats=args.repeats)
+            run_demo(context=args.context, batch=args.batch, repeats=args.repeats)
+        else:
+            from .model_demo import run_model_demo
+
+            _positive("windows", args.windows)
+            _positive("window-len", args.window_len)
+            run_model_demo(windows=args.windows, window_len=args.window_len)
         return 0
+    if args.command == "eval":
+        return run_eval(args)
+    if args.command == "calibrate":
+        return run_calibrate(args)
     parser.print_help(sys.stderr)
     return 2

@@ -195,11 +195,26 @@ class RotateKVCache(Cache):
     the batch size is known.
     """
 
-    def __init__(self, model: torch.nn.Module, plan: RotationPlan, config: QuantConfig) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        plan: RotationPlan,
+        config: QuantConfig,
+        sink_thresholds: list[float] | None = None,
+    ) -> None:
         self.spec = model_spec(model)
         _check_plan(plan, self.spec)
         self.plan = plan
         self.config = config
+        if sink_thresholds is not None and len(sink_thresholds) != self.spec.num_layers:
+            raise ArgumentError(
+                f"sink_thresholds: expected {self.spec.num_layers} values (one per layer), "
+                f"got {len(sink_thresholds)}"
+            )
+        self.sink_thresholds = sink_thresholds
+        # Largest |hidden state| per token at each layer's input, set by the layer pre-hooks
+        # that enable() installs when a sink rule is given.
+        self.maxabs: dict[int, torch.Tensor] = {}
         super().__init__(
             layers=[RotateKVLayer(self, i, s) for i, s in enumerate(self.spec.sliding)]
         )
@@ -265,13 +280,14 @@ class RotateKVCache(Cache):
         return sum(s.nbytes for s in self.stores)
 
     def bits_per_element(self) -> float:
-        """Average stored bits per K/V element (scales, zeros and positions included)."""
-        tot = sum(s.nbytes for s in self.stores)
+        """Average stored bits per K/V element: codes, scales, zeros, positions and 16-bit
+        tokens counted, unused page slots not (``nbytes`` has those)."""
+        payload = sum(s.payload_bytes for s in self.stores)
         elems = 0
         for s in self.stores:
             for layer in range(s.num_layers):
                 elems += 2 * sum(s.seq_lens(layer)) * s.num_kv_heads * s.head_dim
-        return 8.0 * tot / elems if elems else 0.0
+        return 8.0 * payload / elems if elems else 0.0
 
 
 def _check_plan(plan: RotationPlan, spec: ModelSpec) -> None:
@@ -346,7 +362,12 @@ def _attention(
         valid = attention_mask[:, -t:].to("cpu", torch.bool)
         if bool(valid.all()):
             valid = None
-    store.append(layer, h.k, h.v, positions=h.positions, valid=valid)
+    protect = None
+    th = h.cache.sink_thresholds
+    ma = h.cache.maxabs.pop(h.layer, None)
+    if th is not None and ma is not None and th[h.layer] != float("inf"):
+        protect = (ma[:, -t:] > th[h.layer]).to("cpu")
+    store.append(layer, h.k, h.v, positions=h.positions, protect=protect, valid=valid)
     tq = query.shape[2]
     qpos = h.positions if position_ids is None else position_ids.to(torch.int64).expand(b, tq)
     out = store.attend(
@@ -370,9 +391,31 @@ def _register() -> None:
 class _State:
     plan: RotationPlan
     config: QuantConfig
+    sink_thresholds: list[float] | None
     previous_attn: str
     forward: Callable[..., Any]
     generate: Callable[..., Any]
+    hooks: list[Any]
+
+
+def _decoder_layers(model: torch.nn.Module, n: int) -> list[torch.nn.Module]:
+    """The ``n`` decoder layers (modules with a ``self_attn`` child), in order."""
+    layers = [m for m in model.modules() if hasattr(m, "self_attn")]
+    if len(layers) != n:
+        raise ArgumentError(
+            f"model: expected {n} decoder layers with a self_attn module, found {len(layers)}"
+        )
+    return layers
+
+
+def _sink_hook(idx: int) -> Callable[..., None]:
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if isinstance(cache, RotateKVCache) and cache.sink_thresholds is not None:
+            hs = args[0] if args else kwargs["hidden_states"]
+            cache.maxabs[idx] = hs.detach().abs().amax(-1)
+
+    return hook
 
 
 def new_cache(model: torch.nn.Module) -> RotateKVCache:
@@ -380,7 +423,7 @@ def new_cache(model: torch.nn.Module) -> RotateKVCache:
     st = getattr(model, _STATE_ATTR, None)
     if st is None:
         raise ArgumentError("model: expected a model prepared by rotatekv.hf.enable")
-    return RotateKVCache(model, st.plan, st.config)
+    return RotateKVCache(model, st.plan, st.config, st.sink_thresholds)
 
 
 def _has_cache(kwargs: dict[str, Any]) -> bool:
@@ -389,32 +432,47 @@ def _has_cache(kwargs: dict[str, Any]) -> bool:
 
 def enable(
     model: torch.nn.Module,
-    plan: RotationPlan | None = None,
+    plan: Any = None,
     config: QuantConfig | None = None,
 ) -> torch.nn.Module:
     """Makes ``model``'s KV cache a packed store; returns the same model.
 
-    ``plan`` defaults to ``RotationPlan.hadamard(..., mode="pre_rope")`` (grouped heads),
-    ``config`` to ``QuantConfig()`` (2 bits). Calling it again replaces the settings;
-    :func:`disable` undoes it.
+    ``plan``: a :class:`RotationPlan`, or a :class:`rotatekv.calibrate.Calibration` (its plan
+    plus its sink rule: tokens whose largest |hidden state| at a layer's input exceeds that
+    layer's threshold stay in 16 bits there); default ``RotationPlan.hadamard(...,
+    mode="pre_rope")`` (grouped heads), no sinks. ``config`` defaults to ``QuantConfig()``
+    (2 bits). Calling it again replaces the settings; :func:`disable` undoes it.
     """
     spec = model_spec(model)
+    sinks = None
+    if plan is not None and hasattr(plan, "sink_thresholds") and hasattr(plan, "plan"):
+        sinks = list(plan.sink_thresholds)
+        plan = plan.plan
     if plan is None:
         plan = RotationPlan.hadamard(spec.num_layers, spec.num_kv_heads, spec.head_dim)
     if config is None:
         config = QuantConfig()
     if not isinstance(plan, RotationPlan):
-        raise ArgumentError(f"plan: expected a RotationPlan, got {type(plan).__name__}")
+        raise ArgumentError(
+            f"plan: expected a RotationPlan or a Calibration, got {type(plan).__name__}"
+        )
     if not isinstance(config, QuantConfig):
         raise ArgumentError(f"config: expected a QuantConfig, got {type(config).__name__}")
     _check_plan(plan, spec)
+    if sinks is not None and len(sinks) != spec.num_layers:
+        raise ArgumentError(f"plan: sink rule for {len(sinks)} layers, model has {spec.num_layers}")
+    layers = _decoder_layers(model, spec.num_layers)
     _register()
     old = getattr(model, _STATE_ATTR, None)
     if old is not None:
-        old.plan, old.config = plan, config
+        old.plan, old.config, old.sink_thresholds = plan, config, sinks
         return model
     prev = model.config._attn_implementation
-    st = _State(plan, config, prev, model.forward, model.generate)
+    hooks = [
+        layer.register_forward_pre_hook(_sink_hook(i), with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
+    st = _State(plan, config, sinks, prev, model.forward, model.generate, hooks)
 
     @functools.wraps(st.forward)
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -444,6 +502,8 @@ def disable(model: torch.nn.Module) -> torch.nn.Module:
     st = getattr(model, _STATE_ATTR, None)
     if st is None:
         return model
+    for h in st.hooks:
+        h.remove()
     del model.forward
     del model.generate
     delattr(model, _STATE_ATTR)

@@ -1,0 +1,311 @@
+"""Perplexity evaluation of KV-cache methods, all run on the same store and kernels.
+
+Protocols:
+
+* ``fake`` (the papers'): each window is one forward pass; attention inside it already reads
+  the quantized store (every token but protected and recent full-precision ones);
+* ``decode``: the window is fed token by token through the packed store, as generation does.
+
+Every method's next-token distributions are compared with ``fp16`` (a 16-bit store) on the
+same windows: ``delta_ppl`` and mean ``kl`` (nats per token).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import QuantConfig, RotationPlan
+from . import hf as rh
+from ._rotatekv import ArgumentError
+from .calibrate import Calibration, LayerData, collect, fit
+from .hf import ModelSpec
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one method builds its plan and store settings."""
+
+    name: str
+    bits: int
+    config: QuantConfig
+    # "identity", "quarot" (post-RoPE per-head Hadamard), or fit() arguments.
+    plan: str | dict[str, Any]
+    description: str
+
+
+def _kivi(bits: int, residual: int) -> QuantConfig:
+    return QuantConfig(
+        bits=bits, group_size=32, key_layout="per_channel", page_tokens=32, residual=residual
+    )
+
+
+def _paper(**over: Any) -> dict[str, Any]:
+    a: dict[str, Any] = dict(
+        bits=2, mode="pre_rope", group_heads=None, reorder="signed_mean", clip="fixed", sinks=True
+    )
+    a.update(over)
+    return a
+
+
+# Our product default: the paper's rotation with reordering picked per layer, per-layer clip
+# search, sinks, and a short full-precision window of recent tokens (README has the numbers
+# that chose it).
+DEFAULT_RESIDUAL = 32
+
+
+def _ours(bits: int) -> dict[str, Any]:
+    return dict(bits=bits, mode="pre_rope", reorder="auto", clip="search", sinks=True)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("fp16", 16, QuantConfig(bits=16), "identity", "16-bit store, no rotation"),
+        Method("rtn2", 2, QuantConfig(bits=2), "identity", "per-token groups of a head"),
+        Method("rtn4", 4, QuantConfig(bits=4), "identity", "per-token groups of a head"),
+        Method("kivi2", 2, _kivi(2, 32), "identity", "KIVI: per-channel keys, 32 recent"),
+        Method("kivi4", 4, _kivi(4, 32), "identity", "KIVI: per-channel keys, 32 recent"),
+        Method("kivi2-r128", 2, _kivi(2, 128), "identity", "KIVI, 128 recent (its default)"),
+        Method("quarot2", 2, QuantConfig(bits=2), "quarot", "post-RoPE per-head Hadamard"),
+        Method("quarot4", 4, QuantConfig(bits=4), "quarot", "post-RoPE per-head Hadamard"),
+        Method("rotatekv2-paper", 2, QuantConfig(bits=2), _paper(), "RotateKV's settings"),
+        Method("rotatekv2-noreorder", 2, QuantConfig(bits=2), _paper(reorder="none"), "no reorder"),
+        Method("rotatekv2-nogroup", 2, QuantConfig(bits=2), _paper(group_heads=1), "per head"),
+        Method("rotatekv2-nosink", 2, QuantConfig(bits=2), _paper(sinks=False), "no sinks"),
+        Method("rotatekv2-postrope", 2, QuantConfig(bits=2), _paper(mode="post_rope"), "post-RoPE"),
+        Method(
+            "rotatekv2",
+            2,
+            QuantConfig(bits=2, residual=DEFAULT_RESIDUAL),
+            _ours(2),
+            "ours: calibrated + sinks + recent window",
+        ),
+        Method(
+            "rotatekv3",
+            3,
+            QuantConfig(bits=3, residual=DEFAULT_RESIDUAL),
+            _ours(3),
+            "ours at 3 bits",
+        ),
+        Method(
+            "rotatekv4",
+            4,
+            QuantConfig(bits=4, residual=DEFAULT_RESIDUAL),
+            _ours(4),
+            "ours at 4 bits",
+        ),
+    ]
+}
+
+
+def parse_methods(s: str) -> list[str]:
+    names = [x.strip() for x in s.split(",") if x.strip()]
+    bad = [n for n in names if n not in METHODS]
+    if bad or not names:
+        raise ArgumentError(f"methods: expected names from {sorted(METHODS)}, got {bad or s!r}")
+    if "fp16" not in names:
+        names.insert(0, "fp16")  # the reference of delta_ppl and kl
+    return names
+
+
+def build(
+    method: Method, spec: ModelSpec, data: list[LayerData] | None, progress: bool = False
+) -> tuple[RotationPlan | Calibration, QuantConfig]:
+    """The plan (or calibration) and config of a method for a model."""
+    n, hkv, d = spec.num_layers, spec.num_kv_heads, spec.head_dim
+    cfg = method.config
+    if cfg.group_size is not None and d % cfg.group_size:
+        cfg = cfg.replace(group_size=None)  # heads smaller than the group: one group per head
+    if method.plan == "identity":
+        return RotationPlan.identity(n, hkv, d), cfg
+    if method.plan == "quarot":
+        return RotationPlan.hadamard(n, hkv, d, mode="post_rope", group_heads=1), cfg
+    if data is None:
+        raise ArgumentError(f"methods: {method.name} needs calibration windows (--calib-windows)")
+    assert isinstance(method.plan, dict)
+    return fit(data, spec, progress=progress, **method.plan), cfg
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor, protocol: str) -> tuple[torch.Tensor, Any]:
+    """Next-token logits ``[W, T, V]`` of a batch of windows under one protocol, and the cache.
+
+    Windows run as one batch: a decode step costs about the same for 1 or 8 sequences on a
+    CPU (the weights are read once per step)."""
+    cache = rh.new_cache(model)
+    with torch.no_grad():
+        if protocol == "fake":
+            out = model(input_ids=ids, cache=cache).logits
+        else:
+            steps = []
+            for t in range(ids.shape[1]):
+                steps.append(model(input_ids=ids[:, t : t + 1], cache=cache).logits)
+            out = torch.cat(steps, 1)
+    return out, cache
+
+
+@dataclass
+class _Acc:
+    nll: float = 0.0
+    kl: float = 0.0
+    tokens: int = 0
+    kv_bytes: int = 0
+    bits: float = 0.0
+    windows: int = 0
+    seconds: float = 0.0
+
+
+def evaluate(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    methods: list[str],
+    protocols: list[str],
+    calib: torch.Tensor | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    batch: int = 8,
+) -> list[dict[str, Any]]:
+    """One result row per (method, protocol) (see the module docstring). Windows run
+    ``batch`` at a time; every method sees the same batches, ``fp16`` first, so only one
+    batch of reference distributions is held at a time."""
+    spec = rh.model_spec(model)
+    needs_cal = any(isinstance(METHODS[m].plan, dict) for m in methods)
+    data = None
+    if needs_cal:
+        if calib is None or calib.shape[0] == 0:
+            raise ArgumentError("calib_windows: the methods given need calibration windows")
+        t0 = time.perf_counter()
+        data = collect(model, calib, progress=progress)
+        log(f"collected calibration data in {time.perf_counter() - t0:.1f} s")
+    built: dict[str, tuple[Any, QuantConfig, float]] = {}
+    for name in methods:
+        t0 = time.perf_counter()
+        plan, cfg = build(METHODS[name], spec, data)
+        built[name] = (plan, cfg, time.perf_counter() - t0)
+    order = ["fp16"] + [m for m in methods if m != "fp16"]
+    rows = []
+    for proto in protocols:
+        acc = {m: _Acc() for m in order}
+        for b0 in range(0, windows.shape[0], batch):
+            ids = windows[b0 : b0 + batch]
+            ref: torch.Tensor | None = None
+            for name in order:
+                plan, cfg, _ = built[name]
+                rh.enable(model, plan, cfg)
+                t0 = time.perf_counter()
+                logits, cache = _logits(model, ids, proto)
+                a = acc[name]
+                a.seconds += time.perf_counter() - t0
+                logp = torch.log_softmax(logits[:, :-1].float(), -1)
+                del logits
+                a.nll -= float(logp.gather(-1, ids[:, 1:, None]).sum())
+                if ref is None:
+                    ref = logp
+                else:
+                    a.kl += float((ref.exp() * (ref - logp)).sum())
+                a.tokens += ids[:, 1:].numel()
+                a.kv_bytes += cache.nbytes
+                a.bits += cache.bits_per_element() * ids.shape[0]
+                a.windows += ids.shape[0]
+                del logp, cache
+            rh.disable(model)
+            if progress:
+                log(f"  {proto}: {min(b0 + batch, windows.shape[0])}/{windows.shape[0]} windows")
+        base = math.exp(acc["fp16"].nll / acc["fp16"].tokens)
+        for name in methods:
+            a = acc[name]
+            ppl = math.exp(a.nll / a.tokens)
+            rows.append(
+                {
+                    "method": name,
+                    "protocol": proto,
+                    "bits": float(METHODS[name].bits),
+                    "effective_bits": a.bits / a.windows,
+                    # Allocated bytes of one window's cache (pages included).
+                    "kv_bytes": a.kv_bytes // a.windows,
+                    "ppl": ppl,
+                    "delta_ppl": ppl - base,
+                    "kl": a.kl / a.tokens,
+                    "seconds": a.seconds + built[name][2],
+                }
+            )
+            r = rows[-1]
+            log(
+                f"  {proto:6s} {name:20s} ppl {ppl:8.3f} ({100 * (ppl / base - 1):+6.1f}%)  "
+                f"eff bits {r['effective_bits']:.2f}  kl {r['kl']:.4f}  ({r['seconds']:.1f} s)"
+            )
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of result rows."""
+    out = [
+        "| method | protocol | bits | effective bits | KV bytes / window | PPL | dPPL | KL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = r["ppl"] - r["delta_ppl"]
+        out.append(
+            f"| {r['method']} | {r['protocol']} | {r['bits']:.0f} | {r['effective_bits']:.2f} | "
+            f"{r['kv_bytes']} | {r['ppl']:.3f} | {r['delta_ppl']:+.3f} "
+            f"({100 * r['delta_ppl'] / base:+.1f}%) | {r['kl']:.4f} |"
+        )
+    return "\n".join(out)
+
+
+def plot_channels(
+    data: list[LayerData], spec: ModelSpec, cal: Calibration, layers: list[int], out: Path
+) -> list[Path]:
+    """Key channel magnitudes (max |k| over tokens, per channel of the layer's KV heads)
+    before and after the calibrated rotation, one PNG per layer, like the papers' figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .calibrate import _rotated
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    gh = cal.plan.group_heads
+    for layer in layers:
+        k = data[layer].k_pre if cal.plan.mode == "pre_rope" else data[layer].k_post
+        before = k.abs().amax(dim=(0, 2)).reshape(-1)
+        r = _rotated(k, gh)
+        perm = torch.from_numpy(cal.plan.key_perm[layer]).long().reshape(r.shape[1], -1)
+        stored = torch.gather(r, 2, perm[None].expand(r.shape[0], -1, -1))
+        after = stored.abs().amax(0).reshape(-1)
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3), sharey=True)
+        ax[0].bar(range(before.numel()), before.numpy(), width=1.0)
+        ax[0].set_title(f"layer {layer}: keys before rotation")
+        ax[1].bar(range(after.numel()), after.numpy(), width=1.0, color="tab:orange")
+        ax[1].set_title("after grouped Hadamard + reordering")
+        for a in ax:
+            a.set_xlabel("channel (all KV heads)")
+        ax[0].set_ylabel("max |k| over tokens")
+        fig.tight_layout()
+        p = out / f"key_channels_layer{layer}.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def write_json(
+    path: str | Path, model: str, text: str, windows: torch.Tensor, rows: list[dict[str, Any]]
+) -> None:
+    doc = {
+        "model": model,
+        "text": text,
+        "windows": int(windows.shape[0]),
+        "window_len": int(windows.shape[1]),
+        "results": rows,
+    }
+    Path(path).write_text(json.dumps(doc, indent=1))

@@ -1,0 +1,229 @@
+"""Calibration, sinks, text windows and the evaluation harness, on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import rotatekv  # noqa: E402
+import rotatekv.hf as rh  # noqa: E402
+from rotatekv import KVStore, QuantConfig, RotationPlan  # noqa: E402
+from rotatekv import calibrate as C  # noqa: E402
+from rotatekv import eval as E  # noqa: E402
+from rotatekv import text as T  # noqa: E402
+from test_hf import tiny  # noqa: E402
+
+
+def ids(w: int, t: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (w, t), generator=g)
+
+
+@pytest.fixture(scope="module")
+def llama_data():
+    m = tiny("llama")
+    data = C.collect(m, ids(3, 40), n_queries=16, progress=False)
+    return m, data
+
+
+def test_collect_shapes_and_unroped_keys(llama_data) -> None:
+    m, data = llama_data
+    assert len(data) == 2
+    ld = data[0]
+    assert ld.k_pre.shape == ld.k_post.shape == ld.v.shape == (3, 2, 40, 16)
+    assert ld.q.shape == (3, 4, 16, 16)
+    assert ld.maxabs.shape == (3, 40) and (ld.maxabs > 0).all()
+    assert torch.equal(ld.positions[0], torch.arange(40))
+    assert ld.scale == pytest.approx(16**-0.5)
+    # Pre-RoPE keys are the k_proj output (no per-head norm in Llama).
+    x = m.model.embed_tokens(ids(3, 40)[:1])
+    x = m.model.layers[0].input_layernorm(x)
+    k = m.model.layers[0].self_attn.k_proj(x).view(1, 40, 2, 16).transpose(1, 2)
+    assert torch.allclose(ld.k_pre[:1], k, atol=1e-5)
+
+
+def test_fake_quant_matches_the_store() -> None:
+    """The fake quantizer calibration scores permutations with is the store's format."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(1, 2, 70, 16, generator=g) * 3
+    for bits, clip in ((2, 1.0), (2, 0.8), (4, 0.9)):
+        st = KVStore(
+            1,
+            2,
+            16,
+            config=QuantConfig(bits=bits, key_clip=clip),
+            plan=RotationPlan.identity(1, 2, 16),
+        )
+        st.append(0, k, k)
+        _, ks, _ = st.dequantize(0, 0)
+        want = C.fake_quant(k[0].permute(1, 0, 2), bits, 16, clip)
+        assert np.allclose(ks, want.numpy(), atol=1e-5), (bits, clip)
+
+
+def test_fit_builds_a_valid_plan_and_search_lowers_attention_error(llama_data) -> None:
+    m, data = llama_data
+    spec = rh.model_spec(m)
+    cal = C.fit(data, spec, bits=2, clip="search", progress=False)
+    plan = cal.plan
+    assert plan.mode == "pre_rope" and plan.group_heads == 2
+    for row in plan.key_perm:
+        assert sorted(row.tolist()) == list(range(32))
+    assert all(min(abs(c - x) for x in C.CLIPS) < 1e-6 for c in plan.key_clip + plan.value_clip)
+    for e in cal.report:
+        assert e["reorder"] in C.REORDERS
+        assert e["key_error"][e["reorder"]] == min(e["key_error"].values())
+    # The searched clips beat (or tie) the fixed 0.8 on the data they were fitted to.
+    one = RotationPlan(1, 2, 16, mode="pre_rope", group_heads=2, key_perm=plan.key_perm[:1])
+    cfg = QuantConfig(bits=2)
+    e_fit = C._attention_error(
+        data[0], spec, spec.ropes[0], one,
+        cfg.replace(key_clip=plan.key_clip[0], value_clip=plan.value_clip[0]), None, data[0].scale,
+    )  # fmt: skip
+    e_fix = C._attention_error(
+        data[0], spec, spec.ropes[0], one, cfg.replace(key_clip=0.8, value_clip=0.8), None,
+        data[0].scale,
+    )  # fmt: skip
+    assert e_fit <= e_fix + 1e-9
+
+
+def test_calibration_file_round_trip_and_shape_check(tmp_path, llama_data) -> None:
+    m, data = llama_data
+    cal = C.fit(data, rh.model_spec(m), clip="fixed", progress=False)
+    cal.sink_thresholds = [math.inf, 7.5]
+    p = tmp_path / "cal.safetensors"
+    cal.save(p)
+    back = C.Calibration.load(p, m)
+    assert back.sink_thresholds == [math.inf, 7.5]
+    assert np.array_equal(back.plan.key_perm, cal.plan.key_perm)
+    assert back.settings["model_shape"] == [2, 2, 16]
+    spec = rh.model_spec(m)
+    other = rh.ModelSpec(3, 2, 16, spec.ropes + spec.ropes[:1], (False,) * 3)
+    with pytest.raises(rotatekv.FormatError, match="made for num_layers = 2, not 3"):
+        C.Calibration.load(p, other)
+    RotationPlan.hadamard(2, 2, 16).save(tmp_path / "plain.safetensors")
+    with pytest.raises(rotatekv.FormatError, match="without calibration data"):
+        C.Calibration.load(tmp_path / "plain.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(p.read_bytes()[:100])
+    with pytest.raises(rotatekv.RotateKVError):
+        C.Calibration.load(tmp_path / "bad.safetensors")
+
+
+def test_sink_rule_protects_tokens_inside_the_hf_path() -> None:
+    """Threshold 0 protects every token: the 2-bit store then behaves as a 16-bit one."""
+    m = tiny("qwen3")
+    spec = rh.model_spec(m)
+    x = ids(1, 20)
+    plan = RotationPlan.hadamard(spec.num_layers, spec.num_kv_heads, spec.head_dim)
+    with torch.no_grad():
+        rh.enable(m, plan, QuantConfig(bits=16))
+        ref = m(input_ids=x).logits
+        cal = C.Calibration(plan, [0.0] * spec.num_layers)
+        rh.enable(m, cal, QuantConfig(bits=2))
+        cache = rh.new_cache(m)
+        out = m(input_ids=x, cache=cache).logits
+        none = C.Calibration(plan, [math.inf] * spec.num_layers)
+        rh.enable(m, none, QuantConfig(bits=2))
+        q = m(input_ids=x).logits
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert cache.bits_per_element() > 16
+    assert not torch.allclose(q, ref, atol=1e-3)
+
+
+def test_sink_threshold_rule() -> None:
+    ma = torch.ones(4, 100)
+    assert math.isinf(C.sink_threshold(ma, 20.0, 0.02))  # nothing massive
+    ma[:, 0] = 1000.0
+    assert C.sink_threshold(ma, 20.0, 0.02) == pytest.approx(20.0)
+    ma[:, :10] = 1000.0  # 10% of tokens: not a sink pattern
+    assert math.isinf(C.sink_threshold(ma, 20.0, 0.02))
+
+
+class _Tok:
+    """A character tokenizer with the parts of the transformers API text.py uses."""
+
+    add_bos_token = False
+    bos_token_id = 1
+    unk_token_id = 0
+    unk_token = "<|endoftext|>"
+
+    def convert_tokens_to_ids(self, t: str) -> int:
+        return 0 if t == "<|endoftext|>" else 0
+
+    def __call__(self, s: str, add_special_tokens: bool = False):
+        class R:
+            input_ids = [3 + (ord(c) % 100) for c in s]
+
+        return R()
+
+
+def test_windows_are_disjoint_and_start_at_a_boundary(tmp_path) -> None:
+    f = tmp_path / "t.txt"
+    f.write_text("abcdefghij" * 30 + "\n\n\n\n" + "klmnopqrst" * 30, encoding="utf-8")
+    docs = T.load_texts(f)
+    assert len(docs) == 2
+    ev, ca = T.split_windows(_Tok(), docs, 3, 2, 50)
+    assert ev.shape == (3, 50) and ca.shape == (2, 50)
+    assert (ev[:, 0] == 0).all() and (ca[:, 0] == 0).all()
+    stream = T.token_stream(_Tok(), docs)
+    n = stream.numel()
+    # Evaluation windows come from the front, calibration windows from the back.
+    assert torch.equal(ev[0, 1:], stream[1:50])
+    assert torch.equal(ca[0, 1:], stream[n - 49 : n])
+    with pytest.raises(rotatekv.ArgumentError, match="need"):
+        T.split_windows(_Tok(), docs, 30, 30, 50)
+    with pytest.raises(rotatekv.ArgumentError, match="UTF-8"):
+        (tmp_path / "b.txt").write_bytes(b"\xff\xfe\xfa")
+        T.load_texts(tmp_path / "b.txt")
+
+
+def test_evaluate_rows_and_json(tmp_path) -> None:
+    m = tiny("llama")
+    w = ids(2, 96, seed=5)  # KIVI quantizes full 32-token blocks past its 32 recent
+    rows = E.evaluate(
+        m, w, E.parse_methods("rtn2,kivi2,rotatekv2"), ["fake", "decode"], calib=ids(2, 96, 9),
+        progress=False, log=lambda s: None,
+    )  # fmt: skip
+    assert [(r["method"], r["protocol"]) for r in rows] == [
+        (n, p) for p in ("fake", "decode") for n in ("fp16", "rtn2", "kivi2", "rotatekv2")
+    ]
+    fp = {r["protocol"]: r for r in rows if r["method"] == "fp16"}
+    # The two protocols agree for a 16-bit cache: same model, same tokens.
+    assert fp["fake"]["ppl"] == pytest.approx(fp["decode"]["ppl"], rel=1e-3)
+    for r in rows:
+        assert math.isfinite(r["ppl"]) and r["kv_bytes"] > 0
+        assert r["delta_ppl"] == pytest.approx(r["ppl"] - fp[r["protocol"]]["ppl"])
+        if r["method"] == "fp16":
+            assert r["kl"] == 0.0 and r["effective_bits"] > 16
+        else:
+            assert r["kl"] > 0 and r["effective_bits"] < 16
+    out = tmp_path / "r.json"
+    E.write_json(out, "tiny", "random", w, rows)
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"model", "text", "windows", "window_len", "results"}
+    assert set(doc["results"][0]) == {
+        "method", "protocol", "bits", "effective_bits", "kv_bytes", "ppl", "delta_ppl", "kl",
+        "seconds",
+    }  # fmt: skip
+    assert "| rtn2 | fake |" in E.table(rows)
+
+
+def test_method_names_are_checked() -> None:
+    with pytest.raises(rotatekv.ArgumentError, match="methods"):
+        E.parse_methods("fp16,kivi3")
+    assert E.parse_methods("kivi2")[0] == "fp16"
+    m = tiny("llama")
+    with pytest.raises(rotatekv.ArgumentError, match="calibration"):
+        E.evaluate(m, ids(1, 8), ["fp16", "rotatekv2"], ["fake"], calib=None, progress=False)
+
+
+def test_cli_rejects_bad_numbers() -> None:
+    from rotatekv.cli import main
+
+    with pytest.raises(SystemExit, match="windows"):
+        main(["eval", "--windows", "0"])

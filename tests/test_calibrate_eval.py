@@ -227,3 +227,34 @@ def test_cli_rejects_bad_numbers() -> None:
 
     with pytest.raises(SystemExit, match="windows"):
         main(["eval", "--windows", "0"])
+
+
+def test_key_layout_choice_reaches_the_stores(tmp_path, llama_data) -> None:
+    """Calibration may give layers different key layouts; the cache then holds one store per
+    layout, each attending with its own layout, and the choice survives save/load."""
+    m, data = llama_data
+    spec = rh.model_spec(m)
+    cal = C.fit(data, spec, clip="fixed", key_layout="auto", layout_margin=1e9, progress=False)
+    assert cal.key_layouts == ["per_channel", "per_channel"]  # margin forces per-channel
+    for e in cal.report:
+        assert set(e["layout_error"]) == {"per_token", "per_channel"}
+    cal.key_layouts = ["per_token", "per_channel"]
+    cal.save(tmp_path / "c.safetensors")
+    back = C.Calibration.load(tmp_path / "c.safetensors", m)
+    assert back.key_layouts == ["per_token", "per_channel"]
+    x = ids(1, 70)
+    with torch.no_grad():
+        rh.enable(m, back, QuantConfig(bits=4))
+        cache = rh.new_cache(m)
+        out = m(input_ids=x, cache=cache).logits
+        rh.enable(m, back.plan, QuantConfig(bits=4))
+        same = m(input_ids=x).logits
+        rh.disable(m)
+    assert len(cache.stores) == 2
+    s0, _ = cache.store_of(0)
+    s1, _ = cache.store_of(1)
+    assert s0 is not s1
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out, same, atol=1e-6)  # layer 1 really used per-channel keys
+    with pytest.raises(rotatekv.ArgumentError, match="key_layout"):
+        C.fit(data, spec, key_layout="diagonal", progress=False)

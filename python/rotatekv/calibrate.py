@@ -51,6 +51,7 @@ class LayerData:
     positions: torch.Tensor  # [W, T]
     maxabs: torch.Tensor  # [W, T] largest |hidden state| at the layer input
     scale: float  # the layer's softmax scaling
+    ref_out: torch.Tensor | None = None  # float attention output of ``q`` (computed once)
 
 
 @dataclass
@@ -61,6 +62,8 @@ class Calibration:
     sink_thresholds: list[float]
     settings: dict[str, Any] = field(default_factory=dict)
     report: list[dict[str, Any]] = field(default_factory=list)
+    # Per layer "per_token" or "per_channel"; None: the QuantConfig's layout everywhere.
+    key_layouts: list[str] | None = None
 
     def protect(self, layer: int, maxabs: torch.Tensor) -> torch.Tensor | None:
         """Sink mask of tokens with per-token ``maxabs`` at ``layer``'s input."""
@@ -73,6 +76,7 @@ class Calibration:
             "sink_thresholds": [None if math.isinf(t) else t for t in self.sink_thresholds],
             "settings": self.settings,
             "report": self.report,
+            "key_layouts": self.key_layouts,
         }
         self.plan.save(path, metadata={META_KEY: json.dumps(meta)})
 
@@ -98,7 +102,13 @@ class Calibration:
             raise FormatError(
                 f"path: {len(th)} sink thresholds for a plan of {plan.num_layers} layers"
             )
-        return Calibration(plan, th, m.get("settings", {}), m.get("report", []))
+        layouts = m.get("key_layouts")
+        if layouts is not None and (
+            len(layouts) != plan.num_layers
+            or any(x not in ("per_token", "per_channel") for x in layouts)
+        ):
+            raise FormatError(f"path: damaged key layouts in {os.fspath(path)!r}")
+        return Calibration(plan, th, m.get("settings", {}), m.get("report", []), layouts)
 
 
 # --- collection --------------------------------------------------------------------------
@@ -270,7 +280,9 @@ def _attention_error(
     nq = ld.q.shape[2]
     qpos = ld.positions[:, -nq:]
     out = store.attend(0, ld.q, positions=qpos, scale=scale)
-    ref = _float_attention(ld, scale)
+    if ld.ref_out is None:
+        ld.ref_out = _float_attention(ld, scale)
+    ref = ld.ref_out
     return float((out - ref).pow(2).sum() / ref.pow(2).sum())
 
 
@@ -311,6 +323,8 @@ def fit(
     reorder: str = "auto",
     clip: str | float = "search",
     sinks: bool = True,
+    key_layout: str = "per_token",
+    layout_margin: float = 0.8,
     sink_factor: float = 20.0,
     max_sink_frac: float = 0.02,
     progress: bool = True,
@@ -318,6 +332,10 @@ def fit(
     """Fits a plan to collected data (see the module docstring)."""
     if reorder not in ("auto", *REORDERS):
         raise ArgumentError(f"reorder: expected 'auto' or one of {REORDERS}, got {reorder!r}")
+    if key_layout not in ("per_token", "per_channel", "auto"):
+        raise ArgumentError(
+            f"key_layout: expected 'per_token', 'per_channel' or 'auto', got {key_layout!r}"
+        )
     if mode not in ("pre_rope", "post_rope"):
         raise ArgumentError(f"mode: expected 'pre_rope' or 'post_rope', got {mode!r}")
     n, hkv, d = spec.num_layers, spec.num_kv_heads, spec.head_dim
@@ -328,6 +346,7 @@ def fit(
     perms = []
     kclips: list[float] = []
     vclips: list[float] = []
+    layouts: list[str] = []
     thresholds: list[float] = []
     report: list[dict[str, Any]] = []
     it: Any = range(n)
@@ -362,8 +381,9 @@ def fit(
             "sink_threshold": None if math.isinf(th) else th,
             "sink_fraction": 0.0 if protect is None else float(protect.float().mean()),
         }
+        layout = "per_channel" if key_layout == "per_channel" else "per_token"
         if clip == "search":
-            cfg0 = QuantConfig(bits=bits, group_size=group_size)
+            cfg0 = QuantConfig(bits=bits, group_size=group_size, key_layout=layout)
 
             ctx = (ld, spec, spec.ropes[layer], one, protect, ld.scale)
             kerr = {c: _clip_error(ctx, cfg0, c, 1.0) for c in CLIPS}
@@ -373,6 +393,17 @@ def fit(
             entry["attn_error"] = round(verr[vc], 6)
         else:
             kc = vc = fixed_clip if clip == "fixed" else float(clip)
+        if key_layout == "auto":
+            # Per-channel key scales (KIVI's layout) cost more bits; take them only where
+            # per-token groups clearly fail (e.g. keys with per-head norms or big outliers).
+            ctx = (ld, spec, spec.ropes[layer], one, protect, ld.scale)
+            base_cfg = QuantConfig(bits=bits, group_size=group_size)
+            e_tok = _clip_error(ctx, base_cfg, kc, vc)
+            e_ch = _clip_error(ctx, base_cfg.replace(key_layout="per_channel"), kc, vc)
+            layout = "per_channel" if e_ch < layout_margin * e_tok else "per_token"
+            entry["layout_error"] = {"per_token": round(e_tok, 6), "per_channel": round(e_ch, 6)}
+        layouts.append(layout)
+        entry["key_layout"] = layout
         kclips.append(kc)
         vclips.append(vc)
         entry["key_clip"], entry["value_clip"] = kc, vc
@@ -395,13 +426,14 @@ def fit(
         "reorder": reorder,
         "clip": clip,
         "sinks": sinks,
+        "key_layout": key_layout,
         "sink_factor": sink_factor,
         "max_sink_frac": max_sink_frac,
         "windows": int(data[0].v.shape[0]),
         "window_len": int(data[0].v.shape[2]),
         "model_shape": [n, hkv, d],
     }
-    return Calibration(plan, thresholds, settings, report)
+    return Calibration(plan, thresholds, settings, report, layouts)
 
 
 def calibrate(

@@ -79,6 +79,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         reorder=args.reorder,
         clip=args.clip if args.clip in ("search", "fixed") else float(args.clip),
         sinks=not args.no_sinks,
+        key_layout=args.key_layout,
     )
     cal.save(args.out)
     print(cal_mod.describe(cal))
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--reorder", default="auto")
     cal.add_argument("--clip", default="search", help="search, fixed or a ratio")
     cal.add_argument("--no-sinks", action="store_true")
+    cal.add_argument("--key-layout", choices=("per_token", "per_channel", "auto"), default="auto")
     cal.add_argument("--out", required=True, help="safetensors file to write")
     args = parser.parse_args(argv)
     if args.command == "demo":

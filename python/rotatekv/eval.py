@@ -62,7 +62,9 @@ DEFAULT_RESIDUAL = 32
 
 
 def _ours(bits: int) -> dict[str, Any]:
-    return dict(bits=bits, mode="pre_rope", reorder="auto", clip="search", sinks=True)
+    return dict(
+        bits=bits, mode="pre_rope", reorder="auto", clip="search", sinks=True, key_layout="auto"
+    )
 
 
 METHODS: dict[str, Method] = {

@@ -201,6 +201,7 @@ class RotateKVCache(Cache):
         plan: RotationPlan,
         config: QuantConfig,
         sink_thresholds: list[float] | None = None,
+        key_layouts: list[str] | None = None,
     ) -> None:
         self.spec = model_spec(model)
         _check_plan(plan, self.spec)
@@ -212,18 +213,26 @@ class RotateKVCache(Cache):
                 f"got {len(sink_thresholds)}"
             )
         self.sink_thresholds = sink_thresholds
+        if key_layouts is not None and len(key_layouts) != self.spec.num_layers:
+            raise ArgumentError(
+                f"key_layouts: expected {self.spec.num_layers} values (one per layer), "
+                f"got {len(key_layouts)}"
+            )
+        layouts = key_layouts or [config.key_layout] * self.spec.num_layers
         # Largest |hidden state| per token at each layer's input, set by the layer pre-hooks
         # that enable() installs when a sink rule is given.
         self.maxabs: dict[int, torch.Tensor] = {}
         super().__init__(
             layers=[RotateKVLayer(self, i, s) for i, s in enumerate(self.spec.sliding)]
         )
-        # Group layers by RoPE: (layers, rope) per store.
-        groups: dict[tuple[float, ...], list[int]] = {}
+        # One store per (RoPE, key layout): a store has one RoPE and one key layout, and
+        # calibration may give layers different layouts.
+        groups: dict[tuple[Any, ...], list[int]] = {}
         for i, r in enumerate(self.spec.ropes):
-            key = (r.scaling, *r.inv_freq.tolist())
+            key = (layouts[i], r.scaling, *r.inv_freq.tolist())
             groups.setdefault(key, []).append(i)
         self._groups = list(groups.values())
+        self._layouts = [layouts[g[0]] for g in self._groups]
         self._where: dict[int, tuple[int, int]] = {}
         for g, layers in enumerate(self._groups):
             for j, i in enumerate(layers):
@@ -239,8 +248,11 @@ class RotateKVCache(Cache):
                 )
             return
         spec, plan = self.spec, self.plan
-        for layers in self._groups:
+        for layers, layout in zip(self._groups, self._layouts, strict=True):
             sub = _sub_plan(plan, layers)
+            cfg = self.config
+            if layout != cfg.key_layout:
+                cfg = cfg.replace(key_layout=layout)
             rope = spec.ropes[layers[0]]
             self.stores.append(
                 KVStore(
@@ -248,7 +260,7 @@ class RotateKVCache(Cache):
                     spec.num_kv_heads,
                     spec.head_dim,
                     batch_size=batch,
-                    config=self.config,
+                    config=cfg,
                     plan=sub,
                     rope_inv_freq=rope.inv_freq if plan.mode == "pre_rope" else None,
                     rope_scaling=rope.scaling,
@@ -392,6 +404,7 @@ class _State:
     plan: RotationPlan
     config: QuantConfig
     sink_thresholds: list[float] | None
+    key_layouts: list[str] | None
     previous_attn: str
     forward: Callable[..., Any]
     generate: Callable[..., Any]
@@ -423,7 +436,7 @@ def new_cache(model: torch.nn.Module) -> RotateKVCache:
     st = getattr(model, _STATE_ATTR, None)
     if st is None:
         raise ArgumentError("model: expected a model prepared by rotatekv.hf.enable")
-    return RotateKVCache(model, st.plan, st.config, st.sink_thresholds)
+    return RotateKVCache(model, st.plan, st.config, st.sink_thresholds, st.key_layouts)
 
 
 def _has_cache(kwargs: dict[str, Any]) -> bool:
@@ -437,16 +450,18 @@ def enable(
 ) -> torch.nn.Module:
     """Makes ``model``'s KV cache a packed store; returns the same model.
 
-    ``plan``: a :class:`RotationPlan`, or a :class:`rotatekv.calibrate.Calibration` (its plan
-    plus its sink rule: tokens whose largest |hidden state| at a layer's input exceeds that
-    layer's threshold stay in 16 bits there); default ``RotationPlan.hadamard(...,
-    mode="pre_rope")`` (grouped heads), no sinks. ``config`` defaults to ``QuantConfig()``
-    (2 bits). Calling it again replaces the settings; :func:`disable` undoes it.
+    ``plan``: a :class:`RotationPlan`, or a :class:`rotatekv.calibrate.Calibration` (its plan,
+    its per-layer key layouts, and its sink rule: tokens whose largest |hidden state| at a
+    layer's input exceeds that layer's threshold stay in 16 bits there); default
+    ``RotationPlan.hadamard(..., mode="pre_rope")`` (grouped heads), no sinks. ``config``
+    defaults to ``QuantConfig()`` (2 bits). Calling it again replaces the settings;
+    :func:`disable` undoes it.
     """
     spec = model_spec(model)
-    sinks = None
+    sinks = layouts = None
     if plan is not None and hasattr(plan, "sink_thresholds") and hasattr(plan, "plan"):
         sinks = list(plan.sink_thresholds)
+        layouts = getattr(plan, "key_layouts", None)
         plan = plan.plan
     if plan is None:
         plan = RotationPlan.hadamard(spec.num_layers, spec.num_kv_heads, spec.head_dim)
@@ -465,14 +480,14 @@ def enable(
     _register()
     old = getattr(model, _STATE_ATTR, None)
     if old is not None:
-        old.plan, old.config, old.sink_thresholds = plan, config, sinks
+        old.plan, old.config, old.sink_thresholds, old.key_layouts = plan, config, sinks, layouts
         return model
     prev = model.config._attn_implementation
     hooks = [
         layer.register_forward_pre_hook(_sink_hook(i), with_kwargs=True)
         for i, layer in enumerate(layers)
     ]
-    st = _State(plan, config, sinks, prev, model.forward, model.generate, hooks)
+    st = _State(plan, config, sinks, layouts, prev, model.forward, model.generate, hooks)
 
     @functools.wraps(st.forward)
     def forward(*args: Any, **kwargs: Any) -> Any:

@@ -195,6 +195,22 @@ def test_bad_arguments() -> None:
     rh.disable(m)  # twice is harmless
 
 
+def test_pre_rope_refuses_context_dependent_rope() -> None:
+    cfg = transformers.LlamaConfig(
+        **{**COMMON, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}}
+    )
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    spec = rh.model_spec(m)
+    with pytest.raises(rotatekv.ArgumentError, match="post_rope"):
+        rh.enable(m)
+    post = RotationPlan.hadamard(
+        spec.num_layers, spec.num_kv_heads, spec.head_dim, mode="post_rope"
+    )
+    rh.enable(m, post, QuantConfig(bits=16))  # post-RoPE keys are fine
+    with torch.no_grad():
+        assert torch.isfinite(m(input_ids=batch(b=1, pads=(0,))[0]).logits).all()
+
+
 def test_unrope_inverts_the_models_rotation() -> None:
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 

@@ -96,6 +96,13 @@ def model_spec(model: torch.nn.Module) -> ModelSpec:
     return ModelSpec(n, hkv, d, tuple(ropes), sliding)
 
 
+def _rope_types(model: torch.nn.Module) -> set[str]:
+    rp = getattr(_text_config(model), "rope_parameters", None) or {}
+    if "rope_type" in rp:
+        return {str(rp["rope_type"])}
+    return {str(v.get("rope_type")) for v in rp.values() if isinstance(v, dict)}
+
+
 def unrope(k: torch.Tensor, positions: torch.Tensor, rope: LayerRope) -> torch.Tensor:
     """Keys before RoPE from keys after it: ``R(-theta p) k / scaling`` in float32.
 
@@ -474,6 +481,14 @@ def enable(
     if not isinstance(config, QuantConfig):
         raise ArgumentError(f"config: expected a QuantConfig, got {type(config).__name__}")
     _check_plan(plan, spec)
+    rope_types = _rope_types(model)
+    if plan.mode == "pre_rope" and rope_types & {"dynamic", "longrope"}:
+        # These recompute inv_freq as the context grows; keys stored before RoPE would be
+        # rotated with frequencies other than the model's at attention time.
+        raise ArgumentError(
+            f"plan: a pre_rope plan needs a fixed RoPE; this model uses {sorted(rope_types)} "
+            "RoPE, whose frequencies change with the context: use mode='post_rope'"
+        )
     if sinks is not None and len(sinks) != spec.num_layers:
         raise ArgumentError(f"plan: sink rule for {len(sinks)} layers, model has {spec.num_layers}")
     layers = _decoder_layers(model, spec.num_layers)

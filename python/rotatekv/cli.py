@@ -17,6 +17,12 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=("fake", "decode", "both"), default="both")
     p.add_argument("--json", default=None, help="write results as JSON here")
     p.add_argument("--plots", default=None, help="write key-channel plots (PNG) here")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="windows run at once (default: 8, fewer for long windows to bound memory)",
+    )
 
 
 def _positive(name: str, v: int) -> None:
@@ -47,7 +53,9 @@ def run_eval(args: argparse.Namespace) -> int:
         f"{calib.shape[0]} calibration windows, torch threads {torch.get_num_threads()}",
         flush=True,
     )
-    rows = ev.evaluate(model, windows, methods, protocols, calib=calib)
+    batch = args.batch or max(1, min(8, 8192 // args.window_len))
+    _positive("batch", batch)
+    rows = ev.evaluate(model, windows, methods, protocols, calib=calib, batch=batch)
     print(ev.table(rows))
     if args.json:
         ev.write_json(args.json, args.model or "SmolLM2-135M-Instruct", args.text or "wikipedia",

@@ -172,7 +172,6 @@ class RotateKVLayer(CacheLayerMixin):
         k = key_states
         if self.cache.plan.mode == "pre_rope":
             k = unrope(key_states, pos, self.cache.spec.ropes[self.layer])
-        self.slots += t
         h = _Pending(self.cache, self.layer, k, value_states, pos)
         return h, h
 
@@ -387,6 +386,8 @@ def _attention(
     if th is not None and ma is not None and th[h.layer] != float("inf"):
         protect = (ma[:, -t:] > th[h.layer]).to("cpu")
     store.append(layer, h.k, h.v, positions=h.positions, protect=protect, valid=valid)
+    # Counted only once stored, so a refused append leaves the cache as it was.
+    h.cache.layers[h.layer].slots += t
     tq = query.shape[2]
     qpos = h.positions if position_ids is None else position_ids.to(torch.int64).expand(b, tq)
     out = store.attend(

@@ -253,3 +253,16 @@ def test_default_model_greedy_identical_at_16_bits(smollm2) -> None:
         beams_ref = m.generate(**enc, max_new_tokens=8, num_beams=2, do_sample=False)
     assert torch.equal(out, ref)
     assert torch.equal(beams, beams_ref)
+
+
+def test_forward_without_cache_still_runs_through_the_store() -> None:
+    """use_cache=False on an enabled model: attention still reads the packed store (2-bit
+    output differs from the float model); the transient cache comes back in the output."""
+    m = tiny("llama")
+    ids, _ = batch(b=1, pads=(0,))
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=False).logits
+        rh.enable(m, config=QuantConfig(bits=2))
+        out = m(input_ids=ids, use_cache=False)
+    assert not torch.allclose(out.logits, ref, atol=1e-4)
+    assert isinstance(out.cache, rh.RotateKVCache)

@@ -258,3 +258,16 @@ def test_key_layout_choice_reaches_the_stores(tmp_path, llama_data) -> None:
     assert not torch.allclose(out, same, atol=1e-6)  # layer 1 really used per-channel keys
     with pytest.raises(rotatekv.ArgumentError, match="key_layout"):
         C.fit(data, spec, key_layout="diagonal", progress=False)
+
+
+def test_layout_choice_follows_the_keys() -> None:
+    """Large per-channel key offsets (Qwen2's k_proj bias, made large and varied) survive
+    rotation as one fixed pattern on every token: per-token groups spend their range on it,
+    per-channel scales absorb it. Calibration must pick per-channel for that layer only."""
+    m = tiny("qwen2")
+    with torch.no_grad():
+        b = m.model.layers[1].self_attn.k_proj.bias
+        b.copy_(40.0 * torch.randn(b.shape, generator=torch.Generator().manual_seed(0)))
+    data = C.collect(m, ids(3, 64, seed=4), n_queries=16, progress=False)
+    cal = C.fit(data, rh.model_spec(m), bits=2, clip="fixed", key_layout="auto", progress=False)
+    assert cal.key_layouts == ["per_token", "per_channel"], cal.report

@@ -266,3 +266,15 @@ def test_forward_without_cache_still_runs_through_the_store() -> None:
         out = m(input_ids=ids, use_cache=False)
     assert not torch.allclose(out.logits, ref, atol=1e-4)
     assert isinstance(out.cache, rh.RotateKVCache)
+
+
+def test_main_job_runs_on_the_default_model(smollm2, capsys) -> None:
+    """`rotatekv demo` end to end, shrunk: calibration, both protocols, the table, generation."""
+    from rotatekv.model_demo import run_model_demo
+
+    run_model_demo(windows=1, window_len=96, calib_windows=1)
+    out = capsys.readouterr().out
+    for name in ("fp16", "kivi2", "quarot2", "rotatekv2"):
+        assert f"| {name} | fake |" in out and f"| {name} | decode |" in out
+    assert "[rotatekv2] The history of the printing press begins" in out
+    assert "less allocated" in out and "done in" in out

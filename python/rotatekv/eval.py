@@ -173,12 +173,15 @@ def evaluate(
     progress: bool = True,
     log: Callable[[str], None] = print,
     batch: int = 8,
+    prebuilt: dict[str, tuple[Any, QuantConfig]] | None = None,
 ) -> list[dict[str, Any]]:
     """One result row per (method, protocol) (see the module docstring). Windows run
     ``batch`` at a time; every method sees the same batches, ``fp16`` first, so only one
-    batch of reference distributions is held at a time."""
+    batch of reference distributions is held at a time. ``prebuilt`` maps method names to
+    ``(plan or calibration, config)`` already fitted."""
     spec = rh.model_spec(model)
-    needs_cal = any(isinstance(METHODS[m].plan, dict) for m in methods)
+    prebuilt = prebuilt or {}
+    needs_cal = any(isinstance(METHODS[m].plan, dict) and m not in prebuilt for m in methods)
     data = None
     if needs_cal:
         if calib is None or calib.shape[0] == 0:
@@ -189,7 +192,7 @@ def evaluate(
     built: dict[str, tuple[Any, QuantConfig, float]] = {}
     for name in methods:
         t0 = time.perf_counter()
-        plan, cfg = build(METHODS[name], spec, data)
+        plan, cfg = prebuilt[name] if name in prebuilt else build(METHODS[name], spec, data)
         built[name] = (plan, cfg, time.perf_counter() - t0)
     order = ["fp16"] + [m for m in methods if m != "fp16"]
     rows = []

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from . import KVStore, QuantConfig, RotationPlan
+from ._rope import unrope
 
 HQ, HKV, D = 32, 8, 128
 
@@ -100,17 +101,6 @@ def run_demo(context: int = 16384, batch: int = 1, repeats: int = 5) -> None:
         )
 
 
-def unrope(k: torch.Tensor, inv_freq: torch.Tensor, start: int = 0) -> torch.Tensor:
-    """Inverse RoPE (rotate_half convention) of keys at positions ``start, start+1, ...``."""
-    t = torch.arange(start, start + k.shape[2], dtype=torch.float32)
-    ang = torch.outer(t, inv_freq)
-    cos = torch.cat([ang.cos(), ang.cos()], -1)
-    sin = torch.cat([ang.sin(), ang.sin()], -1)
-    half = k.shape[-1] // 2
-    rot = torch.cat([-k[..., half:], k[..., :half]], -1)
-    return k * cos - rot * sin
-
-
 def build_store(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -140,6 +130,6 @@ def build_store(
         t1 = min(context, t0 + chunk)
         kc = k[:, :, t0:t1]
         if mode == "pre_rope":
-            kc = unrope(kc, inv_freq, t0)
+            kc = unrope(kc, torch.arange(t0, t1)[None], inv_freq)
         store.append(0, kc, v[:, :, t0:t1])
     return store

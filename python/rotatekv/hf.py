@@ -33,6 +33,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 from . import KVStore, QuantConfig, RotationPlan
+from ._rope import tables as _rope_tables
+from ._rope import unrope as _unrope
 from ._rotatekv import ArgumentError, RotateKVError
 
 ATTN_NAME = "rotatekv"
@@ -104,25 +106,8 @@ def _rope_types(model: torch.nn.Module) -> set[str]:
 
 
 def unrope(k: torch.Tensor, positions: torch.Tensor, rope: LayerRope) -> torch.Tensor:
-    """Keys before RoPE from keys after it: ``R(-theta p) k / scaling`` in float32.
-
-    ``k``: ``[B, H, T, D]``; ``positions``: ``[B, T]``. Angles are computed exactly as
-    transformers does (float32 ``p * inv_freq``), so un-rotation inverts the model's rotation
-    to float rounding. Channels past the rotary width pass through.
-    """
-    inv = rope.inv_freq.to(k.device)
-    rd = 2 * inv.numel()
-    ang = positions.to(torch.float32)[..., None] * inv  # [B, T, rd/2]
-    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None]
-    sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None]
-    kf = k.to(torch.float32)
-    kr = kf[..., :rd]
-    half = rd // 2
-    rot = torch.cat([-kr[..., half:], kr[..., :half]], -1)
-    out = (kr * cos - rot * sin) / rope.scaling
-    if rd < kf.shape[-1]:
-        out = torch.cat([out, kf[..., rd:]], -1)
-    return out
+    """Keys before RoPE from keys after a layer's RoPE (see :func:`rotatekv._rope.unrope`)."""
+    return _unrope(k, positions, rope.inv_freq, rope.scaling)
 
 
 @dataclass
@@ -171,7 +156,9 @@ class RotateKVLayer(CacheLayerMixin):
         pos = pos.to(torch.int64).expand(b, t)
         k = key_states
         if self.cache.plan.mode == "pre_rope":
-            k = unrope(key_states, pos, self.cache.spec.ropes[self.layer])
+            rope = self.cache.spec.ropes[self.layer]
+            cs = self.cache._cos_sin(pos, rope)
+            k = _unrope(key_states, pos, rope.inv_freq, rope.scaling, cs)
         h = _Pending(self.cache, self.layer, k, value_states, pos)
         return h, h
 
@@ -245,6 +232,7 @@ class RotateKVCache(Cache):
                 self._where[i] = (g, j)
         self.stores: list[KVStore] = []
         self.batch = 0
+        self._tables: list[tuple[torch.Tensor, LayerRope, tuple[torch.Tensor, torch.Tensor]]] = []
 
     def _ensure_stores(self, batch: int) -> None:
         if self.stores:
@@ -273,6 +261,16 @@ class RotateKVCache(Cache):
                 )
             )
         self.batch = batch
+
+    def _cos_sin(self, pos: torch.Tensor, rope: LayerRope) -> tuple[torch.Tensor, torch.Tensor]:
+        # Every layer of a step un-rotates at the same positions: compute the tables once per
+        # (positions, RoPE) instead of once per layer.
+        for p, r, cs in self._tables:
+            if r is rope and p.shape == pos.shape and torch.equal(p, pos):
+                return cs
+        cs = _rope_tables(pos, rope.inv_freq)
+        self._tables = [*self._tables[-1:], (pos.clone(), rope, cs)]
+        return cs
 
     def store_of(self, layer: int) -> tuple[KVStore, int]:
         """The store holding model layer ``layer`` and its index there."""

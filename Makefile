@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build demo test test-rust test-python lint bench clean
+.PHONY: setup build demo test test-rust test-python lint bench fuzz clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,7 @@ lint: setup
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features python -- -D warnings
+	cd fuzz && cargo fmt -- --check && cargo clippy --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
 
@@ -38,11 +39,27 @@ test-rust:
 test-python: build
 	$(PY) -m pytest -q tests
 
-test: lint test-rust test-python
+# Every fuzz target for FUZZ_SECONDS each (bounded, fixed seed). cargo fuzz passes nightly-only
+# flags (sanitizers); RUSTC_BOOTSTRAP lets the machine's one stable toolchain accept them.
+FUZZ_SECONDS ?= 15
+FUZZ_TARGETS := store_bytes store_crafted plan_bytes pack_unpack store_ops
+CARGO_FUZZ := .tools/bin/cargo-fuzz
+
+$(CARGO_FUZZ):
+	cargo install -q cargo-fuzz --locked --version 0.13.2 --root .tools
+
+fuzz: $(CARGO_FUZZ)
+	cd fuzz && mkdir -p target && for t in $(FUZZ_TARGETS); do \
+	  RUSTC_BOOTSTRAP=1 ../$(CARGO_FUZZ) fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) -seed=1 \
+	    > target/fuzz-$$t.log 2>&1 || { tail -n 60 target/fuzz-$$t.log; exit 1; }; \
+	  echo "fuzz $$t: $$(grep '^Done' target/fuzz-$$t.log)"; \
+	done
+
+test: lint test-rust test-python fuzz
 
 bench: build
 	cargo bench --bench kernels
 	$(PY) benches/attend_cpu.py
 
 clean:
-	rm -rf target $(VENV) bench-out
+	rm -rf target $(VENV) bench-out fuzz/target .tools

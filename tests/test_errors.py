@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -688,7 +688,6 @@ def fuzz_store(pre_rope: bool) -> KVStore:
     return s
 
 
-@settings(max_examples=25)
 @given(data=st.data(), pre_rope=st.booleans())
 def test_fuzz_append_raises_only_rotatekv_errors(data, pre_rope):
     store = fuzz_store(pre_rope)
@@ -706,7 +705,6 @@ def test_fuzz_append_raises_only_rotatekv_errors(data, pre_rope):
     run_only_rotatekv_errors(store, lambda: store.append(layer, **kwargs))
 
 
-@settings(max_examples=25)
 @given(data=st.data(), pre_rope=st.booleans())
 def test_fuzz_attend_raises_only_rotatekv_errors(data, pre_rope):
     store = fuzz_store(pre_rope)

@@ -245,7 +245,7 @@ def test_plan_save_load_round_trip(gen, tmp_path):
     r, meta = RotationPlan.load_with_metadata(str(path), num_layers=3, num_kv_heads=4, head_dim=64)
     assert r == p
     assert meta["model"] == "tiny-llama" and meta["calibration"] == "wikitext"
-    assert meta["format"] == "rotatekv.plan" and meta["format_version"] == "1"
+    assert meta["format"] == "rotatekv.plan" and meta["format_version"] == "2"
     assert meta["mode"] == "pre_rope" and meta["group_heads"] == "2"
     # The file is plain safetensors with the documented tensors.
     with safe_open(str(path), "np") as f:
@@ -289,7 +289,27 @@ def rewrite_plan(src, dst, meta_changes=None, tensor_changes=None) -> None:
         else:
             tensors[k] = v
     meta = {k: v for k, v in meta.items() if v is not None}
+    if (meta_changes or {}).get("checksum", "") is not None:
+        meta["checksum"] = plan_checksum(meta, tensors)
     save_file(tensors, str(dst), metadata=meta)
+
+
+def fnv1a64(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def plan_checksum(meta: dict, tensors: dict) -> str:
+    """The documented plan checksum, recomputed so crafted files reach the field checks."""
+    buf = b"".join(
+        k.encode() + b"\0" + meta[k].encode() + b"\0" for k in sorted(meta) if k != "checksum"
+    )
+    for name in ("key_perm", "key_clip", "value_clip"):
+        if name in tensors:
+            buf += np.ascontiguousarray(tensors[name]).tobytes()
+    return f"{fnv1a64(buf):016x}"
 
 
 @pytest.mark.parametrize(
@@ -297,7 +317,7 @@ def rewrite_plan(src, dst, meta_changes=None, tensor_changes=None) -> None:
     [
         ({"format": "rotatekv.store"}, None),
         ({"format": None}, None),
-        ({"format_version": "2"}, None),
+        ({"format_version": "3"}, None),
         ({"mode": "diagonal"}, None),
         ({"num_layers": "many"}, None),
         ({"num_layers": "2"}, None),
@@ -321,6 +341,36 @@ def test_plan_load_rejects_inconsistent_files(gen, tmp_path, meta, tensors):
     # Sanity: the unchanged rewrite loads.
     rewrite_plan(good, bad)
     assert RotationPlan.load(bad) == RotationPlan.load(good)
+
+
+def test_every_flipped_byte_of_a_plan_is_caught(gen, tmp_path):
+    path = tmp_path / "plan.safetensors"
+    calibrated_plan(gen).save(path, metadata={"note": "calibrated on wikitext"})
+    data = path.read_bytes()
+    # Every byte of the header (metadata included) and a spread of tensor bytes.
+    hlen = 8 + int.from_bytes(data[:8], "little")
+    where = list(range(8, hlen)) + list(range(hlen, len(data), 7))
+    for i in where:
+        bad = bytearray(data)
+        bad[i] ^= 0x10
+        path.write_bytes(bytes(bad))
+        try:
+            RotationPlan.load(path)
+        except rotatekv.FormatError:
+            continue
+        # Flips that keep the file meaning the same (JSON whitespace is not there to flip).
+        pytest.fail(f"flip at byte {i} of {len(data)} loaded")
+
+
+def test_version_1_plans_without_checksum_still_load(gen, tmp_path):
+    good = tmp_path / "good.safetensors"
+    old = tmp_path / "old.safetensors"
+    calibrated_plan(gen).save(good)
+    rewrite_plan(good, old, {"format_version": "1", "checksum": None})
+    assert RotationPlan.load(old) == RotationPlan.load(good)
+    rewrite_plan(good, old, {"checksum": None})
+    with pytest.raises(rotatekv.FormatError, match="checksum"):
+        RotationPlan.load(old)
 
 
 def test_plan_load_rejects_damaged_and_missing_files(gen, tmp_path):

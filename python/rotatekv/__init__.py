@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._config import QuantConfig
 from ._rotatekv import (
     ArgumentError,
+    CapacityError,
     DeviceError,
     DTypeError,
     FormatError,
@@ -27,6 +28,7 @@ __version__ = build_info()["version"]
 
 __all__ = [
     "ArgumentError",
+    "CapacityError",
     "DTypeError",
     "DeviceError",
     "FormatError",

@@ -51,6 +51,12 @@ pub enum Error {
         /// The OS error text.
         msg: String,
     },
+    /// An append would take the store past its configured capacity.
+    #[error("capacity exceeded: {msg}")]
+    Capacity {
+        /// What would exceed which limit.
+        msg: String,
+    },
 }
 
 impl Error {

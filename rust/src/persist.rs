@@ -28,6 +28,12 @@ const VERSION: &str = "1";
 /// Writes `store` to `path` atomically.
 pub fn save(store: &KVStore, path: &Path) -> Result<()> {
     let ps = path.display().to_string();
+    write_atomic(path, &to_bytes(store, &ps)?)
+}
+
+/// The bytes [`save`] writes; `name` labels errors.
+pub fn to_bytes(store: &KVStore, name: &str) -> Result<Vec<u8>> {
+    let ps = name;
     let m = &store.meta;
     let mut blobs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut seqs = Vec::new();
@@ -95,9 +101,10 @@ pub fn save(store: &KVStore, path: &Path) -> Result<()> {
         "fp_format": c.fp_format.as_str(),
         "plan": {"mode": plan.mode.as_str(), "group_heads": plan.group_heads, "rotate_values": plan.rotate_values},
         "rope_scaling": m.rope.as_ref().map(|r| r.scaling),
+        "max_tokens": m.max_tokens,
         "seqs": seqs,
     });
-    let sums: HashMap<String, String> = blobs
+    let sums: std::collections::BTreeMap<String, String> = blobs
         .iter()
         .map(|(n, _, _, d)| (n.clone(), format!("{:016x}", fnv1a64(d))))
         .collect();
@@ -117,22 +124,27 @@ pub fn save(store: &KVStore, path: &Path) -> Result<()> {
     let mut views = Vec::new();
     for (n, dt, shape, data) in &blobs {
         let v = safetensors::tensor::TensorView::new(*dt, shape.clone(), data)
-            .map_err(|e| Error::format(&ps, e.to_string()))?;
+            .map_err(|e| Error::format(ps, e.to_string()))?;
         views.push((n.clone(), v));
     }
-    let bytes = safetensors::tensor::serialize(views, Some(meta))
-        .map_err(|e| Error::format(&ps, e.to_string()))?;
-    write_atomic(path, &bytes)
+    safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::format(ps, e.to_string()))
 }
 
 /// Reads a store written by [`save`].
 pub fn load(path: &Path) -> Result<KVStore> {
     let ps = path.display().to_string();
-    let bad = |msg: String| Error::format(&ps, msg);
     let bytes = std::fs::read(path).map_err(|e| Error::io(&ps, &e))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+    from_bytes(&bytes, &ps)
+}
+
+/// Parses the bytes of a saved store; `name` (the file) labels errors. Every field and every
+/// checksum is verified, so arbitrary bytes give a `Format` error, never a damaged store.
+pub fn from_bytes(bytes: &[u8], name: &str) -> Result<KVStore> {
+    let ps = name;
+    let bad = |msg: String| Error::format(ps, msg);
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
     let meta = header.metadata().clone().unwrap_or_default();
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
@@ -349,6 +361,16 @@ pub fn load(path: &Path) -> Result<KVStore> {
         }
         store.layers[l][b] = seq;
     }
+    // Absent in files written before capacities existed.
+    let max_tokens = match h.get("max_tokens") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            uint(&h, "max_tokens").map_err(|_| bad(format!("header field 'max_tokens' = {v}")))?,
+        ),
+    };
+    store
+        .set_max_tokens(max_tokens)
+        .map_err(|e| bad(e.to_string()))?;
     Ok(store)
 }
 

@@ -232,7 +232,8 @@ pub fn unpack_row_f32(bytes: &[u8], bits: u8, out: &mut [f32]) {
             unpack2_f32(&bytes[..n / 4], out);
             let q = n / 8;
             let high = &bytes[n / 4..n / 4 + q];
-            for (s, o) in out.chunks_exact_mut(q).enumerate() {
+            // `max(1)`: an empty row has no chunks (a zero chunk size would panic).
+            for (s, o) in out.chunks_exact_mut(q.max(1)).enumerate() {
                 for j in 0..q {
                     o[j] += (((high[j] >> s) & 1) * 4) as f32;
                 }
@@ -301,6 +302,15 @@ mod tests {
                 let tol = 0.5 * sc + 2e-3 * amp + sc * max_code(bits) as f32 * 1e-3;
                 prop_assert!((d - v).abs() <= tol, "{} vs {} (scale {})", d, v, sc);
             }
+        }
+    }
+
+    #[test]
+    fn empty_rows_unpack_at_every_width() {
+        // Found by the pack_unpack fuzz target: 3 bits used a zero chunk size.
+        for bits in [2u8, 3, 4, 8] {
+            unpack_row_f32(&[], bits, &mut []);
+            unpack_row(&[], bits, &mut []);
         }
     }
 

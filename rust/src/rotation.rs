@@ -249,6 +249,12 @@ impl RotationPlan {
     /// rename). `extra` metadata entries are stored beside ours.
     pub fn save(&self, path: &Path, extra: &HashMap<String, String>) -> Result<()> {
         let ps = path.display().to_string();
+        crate::io::write_atomic(path, &self.to_bytes(extra, &ps)?)
+    }
+
+    /// The bytes [`RotationPlan::save`] writes; `name` labels errors.
+    pub fn to_bytes(&self, extra: &HashMap<String, String>, name: &str) -> Result<Vec<u8>> {
+        let ps = name;
         let perm: Vec<u8> = self
             .key_perm
             .iter()
@@ -285,21 +291,22 @@ impl RotationPlan {
         let mut tensors = Vec::new();
         for (name, dt, shape, data) in views {
             let v = safetensors::tensor::TensorView::new(dt, shape, data)
-                .map_err(|e| Error::format(&ps, e.to_string()))?;
+                .map_err(|e| Error::format(ps, e.to_string()))?;
             tensors.push((name.to_string(), v));
         }
         let mut meta: HashMap<String, String> = extra.clone();
         meta.insert("format".into(), "rotatekv.plan".into());
-        meta.insert("format_version".into(), "1".into());
+        meta.insert("format_version".into(), PLAN_VERSION.into());
         meta.insert("mode".into(), self.mode.as_str().into());
         meta.insert("num_layers".into(), self.num_layers.to_string());
         meta.insert("num_kv_heads".into(), self.num_kv_heads.to_string());
         meta.insert("head_dim".into(), self.head_dim.to_string());
         meta.insert("group_heads".into(), self.group_heads.to_string());
         meta.insert("rotate_values".into(), self.rotate_values.to_string());
-        let bytes = safetensors::tensor::serialize(tensors, Some(meta))
-            .map_err(|e| Error::format(&ps, e.to_string()))?;
-        crate::io::write_atomic(path, &bytes)
+        meta.remove(CHECKSUM_KEY);
+        meta.insert(CHECKSUM_KEY.into(), plan_checksum(&meta, [&perm, &kc, &vc]));
+        safetensors::tensor::serialize(tensors, Some(meta))
+            .map_err(|e| Error::format(ps, e.to_string()))
     }
 
     /// Reads a plan written by [`RotationPlan::save`]; returns it with the file's metadata.
@@ -307,56 +314,61 @@ impl RotationPlan {
     pub fn load(path: &Path) -> Result<(Self, HashMap<String, String>)> {
         let ps = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| Error::io(&ps, &e))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::format(&ps, format!("not a safetensors file: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::format(&ps, format!("not a safetensors file: {e}")))?;
+        Self::from_bytes(&bytes, &ps)
+    }
+
+    /// Parses the bytes of a saved plan; `name` (the file) labels errors.
+    pub fn from_bytes(bytes: &[u8], name: &str) -> Result<(Self, HashMap<String, String>)> {
+        let ps = name;
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| Error::format(ps, format!("not a safetensors file: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| Error::format(ps, format!("not a safetensors file: {e}")))?;
         let meta = header.metadata().clone().unwrap_or_default();
         let get = |k: &str| -> Result<&String> {
             meta.get(k)
-                .ok_or_else(|| Error::format(&ps, format!("metadata lacks '{k}'")))
+                .ok_or_else(|| Error::format(ps, format!("metadata lacks '{k}'")))
         };
         if get("format")? != "rotatekv.plan" {
-            return Err(Error::format(
-                &ps,
-                "not a rotatekv plan (metadata 'format')",
-            ));
+            return Err(Error::format(ps, "not a rotatekv plan (metadata 'format')"));
         }
-        if get("format_version")? != "1" {
+        // Version 1 files predate the checksum; they are still read.
+        let version = get("format_version")?.as_str();
+        if version != PLAN_VERSION && version != "1" {
             return Err(Error::format(
-                &ps,
-                format!("unsupported plan format_version {}", get("format_version")?),
+                ps,
+                format!("unsupported plan format_version {version:?} (this build reads 1 and {PLAN_VERSION})"),
             ));
         }
         let num = |k: &str| -> Result<usize> {
             get(k)?
                 .parse::<usize>()
-                .map_err(|_| Error::format(&ps, format!("metadata '{k}' is not an integer")))
+                .map_err(|_| Error::format(ps, format!("metadata '{k}' is not an integer")))
         };
         let num_layers = num("num_layers")?;
         let num_kv_heads = num("num_kv_heads")?;
         let head_dim = num("head_dim")?;
         let group_heads = num("group_heads")?;
-        let mode = Mode::parse(get("mode")?).map_err(|e| Error::format(&ps, e.to_string()))?;
+        let mode = Mode::parse(get("mode")?).map_err(|e| Error::format(ps, e.to_string()))?;
         let rotate_values = match get("rotate_values")?.as_str() {
             "true" => true,
             "false" => false,
-            other => return Err(Error::format(&ps, format!("rotate_values = {other:?}"))),
+            other => return Err(Error::format(ps, format!("rotate_values = {other:?}"))),
         };
         if num_layers
             .saturating_mul(num_kv_heads)
             .saturating_mul(head_dim)
             > 1 << 28
         {
-            return Err(Error::format(&ps, "implausibly large plan dimensions"));
+            return Err(Error::format(ps, "implausibly large plan dimensions"));
         }
         let tensor = |name: &str, dt: safetensors::Dtype, shape: &[usize]| -> Result<Vec<u8>> {
             let t = st
                 .tensor(name)
-                .map_err(|_| Error::format(&ps, format!("missing tensor '{name}'")))?;
+                .map_err(|_| Error::format(ps, format!("missing tensor '{name}'")))?;
             if t.dtype() != dt || t.shape() != shape {
                 return Err(Error::format(
-                    &ps,
+                    ps,
                     format!(
                         "tensor '{name}': expected {dt:?} {shape:?}, got {:?} {:?}",
                         t.dtype(),
@@ -370,6 +382,11 @@ impl RotationPlan {
         let perm = tensor("key_perm", safetensors::Dtype::I32, &[num_layers, total])?;
         let kc = tensor("key_clip", safetensors::Dtype::F32, &[num_layers])?;
         let vc = tensor("value_clip", safetensors::Dtype::F32, &[num_layers])?;
+        if version == PLAN_VERSION
+            && meta.get(CHECKSUM_KEY) != Some(&plan_checksum(&meta, [&perm, &kc, &vc]))
+        {
+            return Err(Error::format(ps, "checksum mismatch (file damaged)"));
+        }
         let mut key_perm = Vec::with_capacity(num_layers);
         for l in 0..num_layers {
             let row = &perm[l * total * 4..(l + 1) * total * 4];
@@ -377,7 +394,7 @@ impl RotationPlan {
             for c in row.chunks_exact(4) {
                 let x = i32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 if x < 0 {
-                    return Err(Error::format(&ps, format!("key_perm[{l}] has {x}")));
+                    return Err(Error::format(ps, format!("key_perm[{l}] has {x}")));
                 }
                 v.push(x as u32);
             }
@@ -400,9 +417,30 @@ impl RotationPlan {
             value_clip: f32s(vc),
         };
         plan.validate()
-            .map_err(|e| Error::format(&ps, format!("invalid plan: {e}")))?;
+            .map_err(|e| Error::format(ps, format!("invalid plan: {e}")))?;
         Ok((plan, meta))
     }
+}
+
+const PLAN_VERSION: &str = "2";
+const CHECKSUM_KEY: &str = "checksum";
+
+/// FNV-1a 64 (hex) over every metadata entry but the checksum itself, in key order, then the
+/// three tensors: a flipped byte anywhere in a plan file (extra metadata included) is caught.
+fn plan_checksum(meta: &HashMap<String, String>, tensors: [&[u8]; 3]) -> String {
+    let mut keys: Vec<&String> = meta.keys().filter(|k| *k != CHECKSUM_KEY).collect();
+    keys.sort();
+    let mut buf = Vec::new();
+    for k in keys {
+        buf.extend_from_slice(k.as_bytes());
+        buf.push(0);
+        buf.extend_from_slice(meta[k].as_bytes());
+        buf.push(0);
+    }
+    for t in tensors {
+        buf.extend_from_slice(t);
+    }
+    format!("{:016x}", crate::io::fnv1a64(&buf))
 }
 
 /// Identity permutations of `total / group_len` head groups, concatenated.

@@ -13,7 +13,7 @@
 //! Pages are reference-counted: `reorder` (beam search) shares them between sequences and a
 //! shared page is copied only when a sequence appends into it (copy on write).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -170,6 +170,8 @@ pub struct Meta {
     pub had_v: Option<Hadamard>,
     /// Page layouts by class index.
     pub layouts: Vec<Layout>,
+    /// Most tokens one sequence may hold in one layer; `None`: unbounded.
+    pub max_tokens: Option<usize>,
 }
 
 impl Meta {
@@ -374,11 +376,36 @@ impl KVStore {
             had_k,
             had_v,
             layouts,
+            max_tokens: None,
         };
         Ok(KVStore {
             meta,
             layers: vec![vec![Seq::default(); batch]; num_layers],
         })
+    }
+
+    /// Sets the most tokens one sequence may hold in one layer (`None`: unbounded); appends
+    /// past it fail with a `Capacity` error and change nothing. A limit below what a sequence
+    /// already holds is refused.
+    pub fn set_max_tokens(&mut self, max_tokens: Option<usize>) -> Result<()> {
+        if let Some(cap) = max_tokens {
+            let held = self
+                .layers
+                .iter()
+                .flatten()
+                .map(Seq::len)
+                .max()
+                .unwrap_or(0);
+            if cap == 0 || held > cap {
+                return Err(Error::value(
+                    "max_tokens",
+                    format!("at least 1 and at least the {held} tokens a sequence holds"),
+                    cap.to_string(),
+                ));
+            }
+        }
+        self.meta.max_tokens = max_tokens;
+        Ok(())
     }
 
     /// Checks a layer index.
@@ -529,6 +556,21 @@ impl KVStore {
                             }
                         }
                     }
+                }
+            }
+        }
+        if let Some(cap) = m.max_tokens {
+            for (bi, s) in self.layers[layer].iter().enumerate() {
+                let valid = a.valid.map_or(t, |v| {
+                    v[bi * t..(bi + 1) * t].iter().filter(|x| **x).count()
+                });
+                if s.len() + valid > cap {
+                    return Err(Error::Capacity {
+                        msg: format!(
+                            "sequence {bi} of layer {layer} holds {} tokens; {valid} more would pass max_tokens = {cap}",
+                            s.len()
+                        ),
+                    });
                 }
             }
         }
@@ -909,7 +951,9 @@ fn window_len(seq: &Seq) -> usize {
 fn append_seq(m: &Meta, layer: usize, seq: &mut Seq, b: usize, t: usize, a: &AppendArgs) {
     let hd = m.heads * m.d;
     let (mut direct16, mut windowed) = (Staged::default(), Staged::default());
-    let mut direct: HashMap<u8, Staged> = HashMap::new();
+    // Ordered by class, so that pages (and the order attention sums them in) do not depend
+    // on hash order: the same appends give bit-identical stores and outputs.
+    let mut direct: BTreeMap<u8, Staged> = BTreeMap::new();
     let mut row = vec![0f32; m.d];
     let mut next = seq.next_pos;
     let use_window = m.uses_window();
@@ -980,17 +1024,15 @@ fn append_seq(m: &Meta, layer: usize, seq: &mut Seq, b: usize, t: usize, a: &App
         rest.push_from(&windowed, i, hd);
     }
     put_window(m, seq, &rest);
-    let mut by_class: HashMap<u8, Staged> = HashMap::new();
+    let mut by_class: BTreeMap<u8, Staged> = BTreeMap::new();
     for i in 0..out.len() {
         by_class
             .entry(out.tag[i])
             .or_default()
             .push_from(&out, i, hd);
     }
-    let mut classes: Vec<u8> = by_class.keys().copied().collect();
-    classes.sort_unstable();
-    for bits in classes {
-        put(m, layer, seq, &by_class[&bits], bits);
+    for (bits, st) in &by_class {
+        put(m, layer, seq, st, *bits);
     }
 }
 

@@ -411,6 +411,12 @@ impl PyPageBuffer {
     fn nbytes(&self) -> usize {
         self.page.nbytes()
     }
+    /// Holders of the page's memory: this buffer, the store while it keeps the page, and
+    /// each live DLPack export. Shows that exports release the page when their consumer goes.
+    #[getter]
+    fn owners(&self) -> usize {
+        Arc::strong_count(&self.page)
+    }
 }
 
 /// The packed KV store.
@@ -568,10 +574,59 @@ fn new_output<'py>(
     }
 }
 
+/// An int argument as `i64`, or a rotatekv error naming it: `DTypeError` for a non-int,
+/// `ArgumentError` for an int beyond 64 bits (pyo3's own would be a bare `TypeError` or
+/// `OverflowError`, outside the `RotateKVError` family).
+fn int_named(o: &Bound<'_, PyAny>, name: &str) -> PyResult<i64> {
+    let py = o.py();
+    match o.extract::<i64>() {
+        Ok(v) => Ok(v),
+        Err(_) if o.hasattr("__index__").unwrap_or(false) => Err(arg_err(
+            py,
+            format!("{name}: expected an int within 64 bits, got {}", o.repr()?),
+        )),
+        Err(_) => Err(dtype_err(
+            py,
+            format!("{name}: expected an int, got {}", o.get_type().name()?),
+        )),
+    }
+}
+
+fn opt_int_named(o: &Bound<'_, PyAny>, name: &str) -> PyResult<Option<i64>> {
+    if o.is_none() {
+        Ok(None)
+    } else {
+        int_named(o, name).map(Some)
+    }
+}
+
+fn layer_arg(o: &Bound<'_, PyAny>) -> PyResult<i64> {
+    int_named(o, "layer")
+}
+fn seq_arg(o: &Bound<'_, PyAny>) -> PyResult<i64> {
+    int_named(o, "seq")
+}
+fn window_arg(o: &Bound<'_, PyAny>) -> PyResult<Option<i64>> {
+    opt_int_named(o, "window")
+}
+fn max_tokens_obj(o: &Bound<'_, PyAny>) -> PyResult<Option<i64>> {
+    opt_int_named(o, "max_tokens")
+}
+
+fn max_tokens_arg(py: Python<'_>, v: Option<i64>) -> PyResult<Option<usize>> {
+    match v {
+        Some(n) if n <= 0 => Err(arg_err(
+            py,
+            format!("max_tokens: expected a positive int or None, got {n}"),
+        )),
+        v => Ok(v.map(|n| n as usize)),
+    }
+}
+
 #[pymethods]
 impl PyStore {
     #[new]
-    #[pyo3(signature = (num_layers, num_kv_heads, head_dim, batch_size=1, config=None, plan=None, rope_inv_freq=None, rope_scaling=1.0, device="cpu"))]
+    #[pyo3(signature = (num_layers, num_kv_heads, head_dim, batch_size=1, config=None, plan=None, rope_inv_freq=None, rope_scaling=1.0, device="cpu", max_tokens=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -584,6 +639,7 @@ impl PyStore {
         rope_inv_freq: Option<Bound<'_, PyAny>>,
         rope_scaling: f64,
         device: &str,
+        #[pyo3(from_py_with = max_tokens_obj)] max_tokens: Option<i64>,
     ) -> PyResult<Self> {
         if device != "cpu" {
             return Err(device_err(
@@ -670,9 +726,24 @@ impl PyStore {
                 rope,
             ),
         )?;
+        let mut store = store;
+        rk(py, store.set_max_tokens(max_tokens_arg(py, max_tokens)?))?;
         Ok(PyStore {
             inner: RwLock::new(store),
         })
+    }
+
+    /// Most tokens one sequence may hold in one layer (`None`: unbounded). Appends past it
+    /// raise `CapacityError` and leave the store unchanged.
+    #[getter]
+    fn get_max_tokens(&self) -> Option<usize> {
+        self.read().meta.max_tokens
+    }
+
+    #[setter]
+    fn set_max_tokens(&self, py: Python<'_>, value: Bound<'_, PyAny>) -> PyResult<()> {
+        let v = max_tokens_arg(py, max_tokens_obj(&value)?)?;
+        rk(py, self.write().set_max_tokens(v))
     }
 
     /// Appends tokens `k, v: [B, Hkv, T, D]` to `layer`.
@@ -681,7 +752,7 @@ impl PyStore {
     fn append(
         &self,
         py: Python<'_>,
-        layer: i64,
+        #[pyo3(from_py_with = layer_arg)] layer: i64,
         k: Bound<'_, PyAny>,
         v: Bound<'_, PyAny>,
         positions: Option<Bound<'_, PyAny>>,
@@ -756,12 +827,12 @@ impl PyStore {
     fn attend<'py>(
         &self,
         py: Python<'py>,
-        layer: i64,
+        #[pyo3(from_py_with = layer_arg)] layer: i64,
         q: Bound<'py, PyAny>,
         positions: Option<Bound<'py, PyAny>>,
         causal: bool,
         scale: Option<f64>,
-        window: Option<i64>,
+        #[pyo3(from_py_with = window_arg)] window: Option<i64>,
         softcap: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (batch, heads, d) = {
@@ -812,7 +883,11 @@ impl PyStore {
     }
 
     /// Tokens stored per sequence in `layer`.
-    fn seq_lens(&self, py: Python<'_>, layer: i64) -> PyResult<Vec<usize>> {
+    fn seq_lens(
+        &self,
+        py: Python<'_>,
+        #[pyo3(from_py_with = layer_arg)] layer: i64,
+    ) -> PyResult<Vec<usize>> {
         let s = self.read();
         let l = rk(py, s.check_layer(layer))?;
         Ok(s.seq_lens(l))
@@ -867,8 +942,8 @@ impl PyStore {
     fn dequantize<'py>(
         &self,
         py: Python<'py>,
-        layer: i64,
-        seq: i64,
+        #[pyo3(from_py_with = layer_arg)] layer: i64,
+        #[pyo3(from_py_with = seq_arg)] seq: i64,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let s = self.read();
         let l = rk(py, s.check_layer(layer))?;
@@ -891,8 +966,8 @@ impl PyStore {
     fn page_buffers<'py>(
         &self,
         py: Python<'py>,
-        layer: i64,
-        seq: i64,
+        #[pyo3(from_py_with = layer_arg)] layer: i64,
+        #[pyo3(from_py_with = seq_arg)] seq: i64,
     ) -> PyResult<Bound<'py, PyList>> {
         let s = self.read();
         let l = rk(py, s.check_layer(layer))?;

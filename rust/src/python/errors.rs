@@ -17,7 +17,7 @@ pyo3::create_exception!(
 );
 
 /// Names and builtin bases of the subclasses.
-pub const SUBCLASSES: [(&str, &str, &str); 6] = [
+pub const SUBCLASSES: [(&str, &str, &str); 7] = [
     (
         "ShapeError",
         "ValueError",
@@ -47,6 +47,11 @@ pub const SUBCLASSES: [(&str, &str, &str); 6] = [
         "DeviceError",
         "RuntimeError",
         "A device (GPU) was asked for and is not available.",
+    ),
+    (
+        "CapacityError",
+        "MemoryError",
+        "An append would pass the store's configured capacity; the store is unchanged.",
     ),
 ];
 
@@ -112,5 +117,6 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::DType { .. } => raise(py, 2, msg),
         Error::Format { .. } => raise(py, 3, msg),
         Error::Io { .. } => raise(py, 4, msg),
+        Error::Capacity { .. } => raise(py, 6, msg),
     }
 }

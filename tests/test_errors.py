@@ -41,6 +41,7 @@ def test_exception_hierarchy():
         (FormatError, ValueError),
         (StoreIOError, OSError),
         (DeviceError, RuntimeError),
+        (rotatekv.CapacityError, MemoryError),
     ]:
         assert issubclass(cls, RotateKVError) and issubclass(cls, builtin)
         assert cls.__module__ == "rotatekv"

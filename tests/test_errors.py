@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from reference import assert_same_snapshot, default_inv_freq, make_kv, snapshot
 from rotatekv import (
     ArgumentError,
+    CapacityError,
     DeviceError,
     DTypeError,
     FormatError,
@@ -41,7 +42,7 @@ def test_exception_hierarchy():
         (FormatError, ValueError),
         (StoreIOError, OSError),
         (DeviceError, RuntimeError),
-        (rotatekv.CapacityError, MemoryError),
+        (CapacityError, MemoryError),
     ]:
         assert issubclass(cls, RotateKVError) and issubclass(cls, builtin)
         assert cls.__module__ == "rotatekv"

@@ -985,7 +985,9 @@ def test_save_load_round_trip_is_bit_exact(gen, tmp_path, cfg, mode):
     prot = torch.zeros(b, 75, dtype=torch.bool)
     prot[:, 10] = True
     store.append(0, k, v, valid=valid, protect=prot)
-    store.append(1, k[:, :, :33], v[:, :, :33])
+    # Every precision class in one sequence.
+    mix = torch.tensor([2, 3, 4, 8, 16]).repeat(14)[: b * 33].reshape(b, 33)
+    store.append(1, k[:, :, :33], v[:, :, :33], bits=mix)
     store.reorder([1, 1])
     path = tmp_path / "store.safetensors"
     store.save(path)

@@ -124,7 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--no-sinks", action="store_true")
     cal.add_argument("--key-layout", choices=("per_token", "per_channel", "auto"), default="auto")
     cal.add_argument("--out", required=True, help="safetensors file to write")
+    from . import bench
+
+    be = sub.add_parser(
+        "bench", help="end-to-end generation: peak memory, capacity and speed of KV caches"
+    )
+    bench.add_args(be)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench.main_args(args)
     if args.command == "demo":
         if args.synthetic:
             from .demo import run_demo

@@ -1,0 +1,72 @@
+"""The end-to-end benchmark: its JSON contract, its byte accounting, and a short real run on
+the packaged default model (child processes, alternation, capacity search, plots)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig
+
+from rotatekv import bench
+
+
+def test_parse_bytes():
+    assert bench.parse_bytes("6GiB") == 6 << 30
+    assert bench.parse_bytes("512MiB") == 512 << 20
+    assert bench.parse_bytes("4e9") == 4_000_000_000
+    assert bench.parse_bytes(" 2gb ") == 2_000_000_000
+
+
+def test_cache_bytes_counts_every_layer_tensor():
+    cfg = LlamaConfig(num_hidden_layers=3, num_key_value_heads=2, head_dim=8, hidden_size=32)
+    cache = DynamicCache(config=cfg)
+    for layer in range(3):
+        k = torch.randn(2, 2, 5 + layer, 8, dtype=torch.bfloat16)
+        cache.update(k, k.clone(), layer)
+    want = sum(2 * 2 * 2 * (5 + layer) * 8 * 2 for layer in range(3))
+    assert bench._cache_bytes(cache) == want
+
+
+def test_unknown_caches_are_refused():
+    with pytest.raises(SystemExit, match="--caches"):
+        bench.main(["--caches", "fp16,fp4", "--context", "8"])
+
+
+def test_short_run_on_the_default_model(tmp_path):
+    out = tmp_path / "e2e.json"
+    cmd = [sys.executable, "-m", "rotatekv", "bench", "--context", "96", "--batch", "1,2"]
+    cmd += ["--new-tokens", "4", "--caches", "fp16,rotatekv2,hqq2", "--memory-budget", "8GiB"]
+    cmd += ["--verify-tokens", "0", "--json", str(out), "--plots", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    rows = {(r["cache"], r["batch"]): r for r in rep["results"]}
+    assert set(rows) == {(c, b) for c in ("fp16", "rotatekv2") for b in (1, 2)}
+    for r in rep["results"]:
+        for key, typ in (
+            ("cache", str),
+            ("bits", float),
+            ("context", int),
+            ("batch", int),
+            ("peak_bytes", int),
+            ("kv_bytes", int),
+            ("prefill_s", float),
+            ("decode_tok_s", float),
+        ):
+            assert isinstance(r[key], typ), (key, r[key])
+        assert r["context"] == 96 and r["peak_bytes"] > r["kv_bytes"] > 0
+        assert r["prefill_s"] > 0 and r["decode_tok_s"] > 0
+    # The fp16 cache holds exactly its K/V tensors: layers x 2 x B x Hkv x tokens x D x 2 bytes
+    # (SmolLM2-135M: 30 layers, 3 KV heads of 64; 96 + 4 - 1 tokens cached).
+    assert rows[("fp16", 2)]["kv_bytes"] == 30 * 2 * 2 * 3 * 99 * 64 * 2
+    assert rows[("rotatekv2", 2)]["kv_bytes"] < rows[("fp16", 2)]["kv_bytes"]
+    assert set(rep["max_batch"]) == {"fp16", "rotatekv2"}
+    assert all(n > 0 for n in rep["max_batch"].values())
+    assert "hqq2" in rep["unavailable"] or ("hqq2", 1) in rows
+    assert (tmp_path / "e2e_memory.png").stat().st_size > 0
+    assert (tmp_path / "e2e_decode.png").stat().st_size > 0
+    assert "| fp16 | 96 | 2 |" in res.stdout

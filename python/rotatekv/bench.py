@@ -223,8 +223,10 @@ def _child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     for line in reversed(res.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
-    tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-    return {"error": " | ".join(tail) or f"exit status {res.returncode}"}
+    lines = (res.stderr or res.stdout).strip().splitlines()
+    # The traceback's last line says why; progress bars are not the reason.
+    why = next((x for x in reversed(lines) if "Error" in x or "error" in x), "")
+    return {"error": f"exit status {res.returncode}" + (f": {why.strip()}" if why else "")}
 
 
 def available(kind: str) -> str | None:
@@ -290,12 +292,13 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
                 "repeats": len(rs),
             }
         )
+    measured = {c for c, _, _ in runs}
     report: dict[str, Any] = {
         "model": args.model or "SmolLM2-135M-Instruct (packaged)",
         "dtype": args.dtype,
         "machine": machine(),
         "results": results,
-        "unavailable": {**unavailable, **{c: e for c, e in errors.items() if c not in runs}},
+        "unavailable": {**unavailable, **{c: e for c, e in errors.items() if c not in measured}},
     }
     if args.memory_budget:
         budget = parse_bytes(args.memory_budget)

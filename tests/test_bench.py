@@ -45,7 +45,10 @@ def test_short_run_on_the_default_model(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rep = json.loads(out.read_text())
     rows = {(r["cache"], r["batch"]): r for r in rep["results"]}
-    assert set(rows) == {(c, b) for c in ("fp16", "rotatekv2") for b in (1, 2)}
+    # hqq2 is measured where HQQ installs (requirements-dev pins it), else reported unavailable.
+    assert set(rows) - {("hqq2", 1), ("hqq2", 2)} == {
+        (c, b) for c in ("fp16", "rotatekv2") for b in (1, 2)
+    }
     for r in rep["results"]:
         for key, typ in (
             ("cache", str),
@@ -64,7 +67,7 @@ def test_short_run_on_the_default_model(tmp_path):
     # (SmolLM2-135M: 30 layers, 3 KV heads of 64; 96 + 4 - 1 tokens cached).
     assert rows[("fp16", 2)]["kv_bytes"] == 30 * 2 * 2 * 3 * 99 * 64 * 2
     assert rows[("rotatekv2", 2)]["kv_bytes"] < rows[("fp16", 2)]["kv_bytes"]
-    assert set(rep["max_batch"]) == {"fp16", "rotatekv2"}
+    assert {"fp16", "rotatekv2"} <= set(rep["max_batch"])
     assert all(n > 0 for n in rep["max_batch"].values())
     assert "hqq2" in rep["unavailable"] or ("hqq2", 1) in rows
     assert (tmp_path / "e2e_memory.png").stat().st_size > 0

@@ -28,13 +28,14 @@ demo: build
 lint: setup
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
-	cargo clippy --all-targets --features python -- -D warnings
+	cargo clippy --all-targets --features python,cuda-emu -- -D warnings
 	cd fuzz && cargo fmt -- --check && cargo clippy --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
 
+# cuda-emu builds the CUDA kernels as host C++ so their tests run without a GPU.
 test-rust:
-	cargo test --release
+	cargo test --release --features cuda-emu
 
 test-python: build
 	$(PY) -m pytest -q tests

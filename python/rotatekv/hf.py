@@ -136,7 +136,7 @@ class RotateKVLayer(CacheLayerMixin):
         self.slots = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.cache._ensure_stores(key_states.shape[0])
+        self.cache._ensure_stores(key_states.shape[0], key_states.device)
         self.is_initialized = True
 
     def update(  # type: ignore[override]
@@ -195,7 +195,11 @@ class RotateKVCache(Cache):
         config: QuantConfig,
         sink_thresholds: list[float] | None = None,
         key_layouts: list[str] | None = None,
+        device: str | None = None,
     ) -> None:
+        # Where the stores live; None: where the model's keys are (a CUDA model gets CUDA
+        # stores). "emu" runs the CUDA kernels' host build, for tests without a GPU.
+        self.device = device
         self.spec = model_spec(model)
         _check_plan(plan, self.spec)
         self.plan = plan
@@ -234,7 +238,7 @@ class RotateKVCache(Cache):
         self.batch = 0
         self._tables: list[tuple[torch.Tensor, LayerRope, tuple[torch.Tensor, torch.Tensor]]] = []
 
-    def _ensure_stores(self, batch: int) -> None:
+    def _ensure_stores(self, batch: int, where: torch.device) -> None:
         if self.stores:
             if batch != self.batch:
                 raise ArgumentError(
@@ -242,6 +246,9 @@ class RotateKVCache(Cache):
                 )
             return
         spec, plan = self.spec, self.plan
+        device = self.device
+        if device is None:
+            device = f"cuda:{where.index or 0}" if where.type == "cuda" else "cpu"
         for layers, layout in zip(self._groups, self._layouts, strict=True):
             sub = _sub_plan(plan, layers)
             cfg = self.config
@@ -258,6 +265,7 @@ class RotateKVCache(Cache):
                     plan=sub,
                     rope_inv_freq=rope.inv_freq if plan.mode == "pre_rope" else None,
                     rope_scaling=rope.scaling,
+                    device=device,
                 )
             )
         self.batch = batch
@@ -415,6 +423,7 @@ class _State:
     forward: Callable[..., Any]
     generate: Callable[..., Any]
     hooks: list[Any]
+    device: str | None = None
 
 
 def _decoder_layers(model: torch.nn.Module, n: int) -> list[torch.nn.Module]:
@@ -442,7 +451,9 @@ def new_cache(model: torch.nn.Module) -> RotateKVCache:
     st = getattr(model, _STATE_ATTR, None)
     if st is None:
         raise ArgumentError("model: expected a model prepared by rotatekv.hf.enable")
-    return RotateKVCache(model, st.plan, st.config, st.sink_thresholds, st.key_layouts)
+    return RotateKVCache(
+        model, st.plan, st.config, st.sink_thresholds, st.key_layouts, device=st.device
+    )
 
 
 def _has_cache(kwargs: dict[str, Any]) -> bool:
@@ -453,6 +464,7 @@ def enable(
     model: torch.nn.Module,
     plan: Any = None,
     config: QuantConfig | None = None,
+    device: str | None = None,
 ) -> torch.nn.Module:
     """Makes ``model``'s KV cache a packed store; returns the same model.
 
@@ -460,8 +472,9 @@ def enable(
     its per-layer key layouts, and its sink rule: tokens whose largest |hidden state| at a
     layer's input exceeds that layer's threshold stay in 16 bits there); default
     ``RotationPlan.hadamard(..., mode="pre_rope")`` (grouped heads), no sinks. ``config``
-    defaults to ``QuantConfig()`` (2 bits). Calling it again replaces the settings;
-    :func:`disable` undoes it.
+    defaults to ``QuantConfig()`` (2 bits). ``device``: where the packed stores live
+    (default: the model's device, so a CUDA model keeps its cache on the GPU). Calling it
+    again replaces the settings; :func:`disable` undoes it.
     """
     spec = model_spec(model)
     sinks = layouts = None
@@ -495,13 +508,14 @@ def enable(
     old = getattr(model, _STATE_ATTR, None)
     if old is not None:
         old.plan, old.config, old.sink_thresholds, old.key_layouts = plan, config, sinks, layouts
+        old.device = device
         return model
     prev = model.config._attn_implementation
     hooks = [
         layer.register_forward_pre_hook(_sink_hook(i), with_kwargs=True)
         for i, layer in enumerate(layers)
     ]
-    st = _State(plan, config, sinks, layouts, prev, model.forward, model.generate, hooks)
+    st = _State(plan, config, sinks, layouts, prev, model.forward, model.generate, hooks, device)
 
     @functools.wraps(st.forward)
     def forward(*args: Any, **kwargs: Any) -> Any:

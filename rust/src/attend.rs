@@ -21,6 +21,8 @@
 
 use rayon::prelude::*;
 
+use crate::cuda::abi;
+use crate::cuda::backend::Launch;
 use crate::error::{Error, Result};
 use crate::hadamard::cols_raw_body;
 use crate::page::{Layout, Page};
@@ -28,7 +30,7 @@ use crate::quant::{affine_scalar, unpack_row_f32};
 use crate::rope::sincos_f32_angle;
 use crate::rotation::Mode;
 use crate::simd::{self, f16_to_f32, madd, Level};
-use crate::store::{KVStore, Meta};
+use crate::store::{class_index, dtype_code, DevTensor, KVStore, Meta};
 use crate::tensor::{OutData, View4};
 
 /// What [`attend`] takes besides the layer and the output.
@@ -46,6 +48,156 @@ pub struct AttendArgs<'a> {
     pub window: Option<usize>,
     /// Logit soft-capping (`cap * tanh(s / cap)`, Gemma 2).
     pub softcap: Option<f32>,
+}
+
+/// Everything an attention call takes besides the query and output memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Options<'a> {
+    /// As in [`AttendArgs`].
+    pub positions: Option<&'a [i64]>,
+    /// As in [`AttendArgs`].
+    pub causal: bool,
+    /// As in [`AttendArgs`].
+    pub scale: Option<f32>,
+    /// As in [`AttendArgs`].
+    pub window: Option<usize>,
+    /// As in [`AttendArgs`].
+    pub softcap: Option<f32>,
+}
+
+impl AttendArgs<'_> {
+    fn options(&self) -> Options<'_> {
+        Options {
+            positions: self.positions,
+            causal: self.causal,
+            scale: self.scale,
+            window: self.window,
+            softcap: self.softcap,
+        }
+    }
+}
+
+/// Attention of a device store: `q` and `out` (`[B, Hq, Tq, D]`, same dtype) are device
+/// tensors; the fused kernel reads the packed pages in place (split-K over pages, then one
+/// combine launch), on the backend's current stream.
+pub fn attend_device(
+    store: &KVStore,
+    layer: usize,
+    q: &DevTensor,
+    out: &DevTensor,
+    o: &Options,
+) -> Result<()> {
+    let Some(dev) = &store.dev else {
+        return Err(Error::device(
+            "q: this store lives on the CPU: pass CPU tensors",
+        ));
+    };
+    let m = &store.meta;
+    if out.shape != q.shape || out.dtype != q.dtype {
+        return Err(Error::shape(
+            "out",
+            format!("{:?} of {}", q.shape, q.dtype.name()),
+            format!("{:?} of {}", out.shape, out.dtype.name()),
+        ));
+    }
+    let Some((scale, qpos)) = prepare(store, layer, q.shape, o)? else {
+        return Ok(());
+    };
+    let [b, hq, tq, d] = q.shape;
+    let mut pages = Vec::new();
+    let mut off = vec![0i32];
+    let mut most = 0;
+    for s in &store.layers[layer] {
+        let n0 = pages.len();
+        for p in s.all_pages().filter(|p| p.live() > 0) {
+            pages.push(abi::RkvPage {
+                data: p.dev_ptr(),
+                cls: class_index(p.bits) as i32,
+                start: p.start as i32,
+                len: p.len as i32,
+                pad: 0,
+            });
+        }
+        most = most.max(pages.len() - n0);
+        off.push(pages.len() as i32);
+    }
+    let (rows, tile, smem) = abi::attend_tiles(m, hq, tq);
+    let base = abi::attend_grid(m, hq, tq, rows, 1);
+    let splits = abi::attend_splits(
+        (base[1] * base[2]) as usize,
+        most,
+        2 * dev.backend.sm_count(),
+    );
+    let bk = &dev.backend;
+    let mut temps = Vec::new();
+    let res = (|| -> Result<()> {
+        let up = |temps: &mut Vec<u64>, bytes: &[u8]| -> Result<u64> {
+            let p = bk.temp(bytes.len().max(4))?;
+            temps.push(p);
+            bk.h2d(p, bytes)?;
+            Ok(p)
+        };
+        let pages_d = up(&mut temps, bytemuck::cast_slice(&pages))?;
+        let off_d = up(&mut temps, bytemuck::cast_slice(&off))?;
+        let qpos_d = up(&mut temps, bytemuck::cast_slice(&qpos))?;
+        let work = bk.temp(b * splits * hq * tq * (d + 2) * 4)?;
+        temps.push(work);
+        let rope = m.rope.as_ref();
+        let strides = |t: &DevTensor| t.strides.map(|x| x as i64);
+        let p = abi::RkvAttendParams {
+            q: q.ptr,
+            pages: pages_d,
+            page_off: off_d,
+            qpos: qpos_d,
+            perm: dev.perm[layer].ptr,
+            inv_freq: dev.inv_freq.as_ref().map_or(0, |x| x.ptr),
+            work,
+            q_s: strides(q),
+            batch: b as i32,
+            hq: hq as i32,
+            tq: tq as i32,
+            d: d as i32,
+            heads: m.heads as i32,
+            group_heads: m.plan.group_heads as i32,
+            q_dtype: dtype_code(q.dtype),
+            fp_format: abi::fp_code(m.cfg.fp_format),
+            mode: abi::mode_code(m.plan.mode),
+            rotate_keys: m.plan.rotates_keys() as i32,
+            rotate_values: m.plan.rotate_values as i32,
+            rot_half: rope.map_or(0, |r| r.half() as i32),
+            causal: o.causal as i32,
+            window: o.window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
+            splits: splits as i32,
+            rows_per_block: rows as i32,
+            tile_tokens: tile as i32,
+            pad0: 0,
+            scale,
+            softcap: o.softcap.unwrap_or(0.0),
+            rope_scaling: rope.map_or(1.0, |r| r.scaling),
+            pad1: 0.0,
+            lay: abi::layouts(m),
+        };
+        let grid = abi::attend_grid(m, hq, tq, rows, splits);
+        bk.launch(Launch::Attend(&p, grid, smem))?;
+        let c = abi::RkvCombineParams {
+            work,
+            out: out.ptr,
+            o_s: strides(out),
+            batch: b as i32,
+            hq: hq as i32,
+            tq: tq as i32,
+            d: d as i32,
+            splits: splits as i32,
+            o_dtype: dtype_code(out.dtype),
+            rotate_values: m.plan.rotate_values as i32,
+            pad: 0,
+        };
+        bk.launch(Launch::Combine(&c))
+    })();
+    for t in temps {
+        bk.free_temp(t);
+    }
+    res
 }
 
 /// `e^x` in f32 to ~1e-7 relative error, 0 below -87; branch-free so that it vectorizes.
@@ -150,18 +302,14 @@ pub fn attend_at(
     a: &AttendArgs,
     out: &mut OutData,
 ) -> Result<()> {
+    if store.dev.is_some() {
+        return Err(Error::device(format!(
+            "q: this store lives on {}: pass device tensors",
+            store.device_name()
+        )));
+    }
     let m = &store.meta;
     let [b, hq, tq, d] = a.q.shape;
-    if b != m.batch || d != m.d || hq == 0 || hq % m.heads != 0 {
-        return Err(Error::shape(
-            "q",
-            format!(
-                "[B={}, Hq (a multiple of {}), Tq, D={}]",
-                m.batch, m.heads, m.d
-            ),
-            format!("[{b}, {hq}, {tq}, {d}]"),
-        ));
-    }
     if out.len() != b * hq * tq * d {
         return Err(Error::shape(
             "out",
@@ -169,52 +317,10 @@ pub fn attend_at(
             out.len().to_string(),
         ));
     }
-    if let Some(p) = a.positions {
-        if p.len() != b * tq && p.len() != tq {
-            return Err(Error::shape(
-                "positions",
-                format!("[B={b}, Tq={tq}] or [Tq={tq}]"),
-                format!("{} elements", p.len()),
-            ));
-        }
-        if let Some(x) = p.iter().find(|x| !(0..i32::MAX as i64).contains(*x)) {
-            return Err(Error::value(
-                "positions",
-                "0 <= position < 2^31 - 1",
-                x.to_string(),
-            ));
-        }
-    }
-    let scale = a.scale.unwrap_or(1.0 / (d as f32).sqrt());
-    if !(scale.is_finite() && scale > 0.0) {
-        return Err(Error::value(
-            "scale",
-            "a finite value > 0",
-            scale.to_string(),
-        ));
-    }
-    if let Some(c) = a.softcap {
-        if !(c.is_finite() && c > 0.0) {
-            return Err(Error::value("softcap", "a finite value > 0", c.to_string()));
-        }
-    }
-    if a.window == Some(0) {
-        return Err(Error::value("window", ">= 1", "0"));
-    }
-    if tq == 0 {
+    let Some((scale, qpos)) = prepare(store, layer, a.q.shape, &a.options())? else {
         return Ok(());
-    }
+    };
     let seqs = &store.layers[layer];
-    let mut qpos = vec![0i32; b * tq];
-    for bi in 0..b {
-        for t in 0..tq {
-            qpos[bi * tq + t] = match a.positions {
-                Some(p) if p.len() == tq => p[t] as i32,
-                Some(p) => p[bi * tq + t] as i32,
-                None => (seqs[bi].next_pos - tq as i64 + t as i64).max(0) as i32,
-            };
-        }
-    }
     let mut q = vec![0f32; b * hq * tq * d];
     for bi in 0..b {
         for h in 0..hq {
@@ -332,6 +438,75 @@ pub fn attend_at(
         i = j;
     }
     Ok(())
+}
+
+/// Checks what every attention call takes besides the tensors' memory; returns the score
+/// scale and the query positions `[B*Tq]`, or `None` when there are no queries.
+fn prepare(
+    store: &KVStore,
+    layer: usize,
+    shape: [usize; 4],
+    a: &Options,
+) -> Result<Option<(f32, Vec<i32>)>> {
+    let m = &store.meta;
+    let [b, hq, tq, d] = shape;
+    if b != m.batch || d != m.d || hq == 0 || hq % m.heads != 0 {
+        return Err(Error::shape(
+            "q",
+            format!(
+                "[B={}, Hq (a multiple of {}), Tq, D={}]",
+                m.batch, m.heads, m.d
+            ),
+            format!("[{b}, {hq}, {tq}, {d}]"),
+        ));
+    }
+    if let Some(p) = a.positions {
+        if p.len() != b * tq && p.len() != tq {
+            return Err(Error::shape(
+                "positions",
+                format!("[B={b}, Tq={tq}] or [Tq={tq}]"),
+                format!("{} elements", p.len()),
+            ));
+        }
+        if let Some(x) = p.iter().find(|x| !(0..i32::MAX as i64).contains(*x)) {
+            return Err(Error::value(
+                "positions",
+                "0 <= position < 2^31 - 1",
+                x.to_string(),
+            ));
+        }
+    }
+    let scale = a.scale.unwrap_or(1.0 / (d as f32).sqrt());
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::value(
+            "scale",
+            "a finite value > 0",
+            scale.to_string(),
+        ));
+    }
+    if let Some(c) = a.softcap {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(Error::value("softcap", "a finite value > 0", c.to_string()));
+        }
+    }
+    if a.window == Some(0) {
+        return Err(Error::value("window", ">= 1", "0"));
+    }
+    if tq == 0 {
+        return Ok(None);
+    }
+    let seqs = &store.layers[layer];
+    let mut qpos = vec![0i32; b * tq];
+    for bi in 0..b {
+        for t in 0..tq {
+            qpos[bi * tq + t] = match a.positions {
+                Some(p) if p.len() == tq => p[t] as i32,
+                Some(p) => p[bi * tq + t] as i32,
+                None => (seqs[bi].next_pos - tq as i64 + t as i64).max(0) as i32,
+            };
+        }
+    }
+    Ok(Some((scale, qpos)))
 }
 
 /// Runs one work item at a SIMD level (the AVX-512 build also enables the VNNI path).

@@ -51,6 +51,12 @@ pub enum Error {
         /// The OS error text.
         msg: String,
     },
+    /// A device (CUDA) is missing, or a driver or compiler call failed.
+    #[error("{msg}")]
+    Device {
+        /// What failed, and what was expected.
+        msg: String,
+    },
     /// An append would take the store past its configured capacity.
     #[error("capacity exceeded: {msg}")]
     Capacity {
@@ -90,6 +96,10 @@ impl Error {
             path: path.into(),
             msg: msg.into(),
         }
+    }
+    /// A device error.
+    pub fn device(msg: impl Into<String>) -> Self {
+        Error::Device { msg: msg.into() }
     }
     /// An I/O error.
     pub fn io(path: &str, err: &std::io::Error) -> Self {

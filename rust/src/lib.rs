@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod attend;
+pub mod cuda;
 pub mod error;
 pub mod hadamard;
 pub mod io;

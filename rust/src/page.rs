@@ -35,6 +35,10 @@
 //! basis (Hadamard, then permutation) and values rotated when the plan says so; 16-bit pages
 //! hold both unrotated.
 
+use std::sync::Arc;
+
+use crate::cuda::backend::{Backend, DevBuf};
+use crate::error::Result;
 use crate::quant::{code_of, group_params, max_code, pack_row, packed_row_bytes};
 use crate::simd::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 
@@ -207,7 +211,11 @@ pub struct Page {
     pub min_pos: i32,
     /// Largest live position.
     pub max_pos: i32,
+    /// Host bytes: the whole page, or for a device page a mirror of its positions and tags
+    /// (the first `head_off` bytes), which the store's bookkeeping reads.
     data: Vec<u64>,
+    /// The page's memory on a device (`None`: a host page).
+    pub dev: Option<DevBuf>,
 }
 
 impl Page {
@@ -222,6 +230,69 @@ impl Page {
             min_pos: i32::MAX,
             max_pos: i32::MIN,
             data: vec![0u64; lay.total / 8],
+            dev: None,
+        }
+    }
+
+    /// An empty page in device memory (zeroed).
+    pub fn new_device(lay: &Layout, backend: &Arc<dyn Backend>) -> Result<Self> {
+        let mut p = Page::new(lay);
+        p.data = vec![0u64; lay.head_off / 8];
+        p.dev = Some(DevBuf::new(backend, lay.total)?);
+        Ok(p)
+    }
+
+    /// Device address of a device page (0 for a host page).
+    pub fn dev_ptr(&self) -> u64 {
+        self.dev.as_ref().map_or(0, |d| d.ptr)
+    }
+
+    /// This page with its bytes on the host (a copy).
+    pub fn to_host(&self, lay: &Layout) -> Result<Self> {
+        let Some(d) = &self.dev else {
+            return Ok(self.clone());
+        };
+        let mut p = Page {
+            data: vec![0u64; lay.total / 8],
+            dev: None,
+            ..self.clone_meta()
+        };
+        d.backend.d2h(p.bytes_mut(), d.ptr)?;
+        Ok(p)
+    }
+
+    /// This page with its bytes on `backend` (a copy).
+    pub fn to_device(&self, lay: &Layout, backend: &Arc<dyn Backend>) -> Result<Self> {
+        let host = self.to_host(lay)?;
+        let dev = DevBuf::new(backend, lay.total)?;
+        backend.h2d(dev.ptr, host.bytes())?;
+        Ok(Page {
+            data: host.data[..lay.head_off / 8].to_vec(),
+            dev: Some(dev),
+            ..self.clone_meta()
+        })
+    }
+
+    /// This host page's bookkeeping with only its header bytes (positions and tags): the
+    /// host mirror a device page keeps.
+    pub fn header_copy(&self, lay: &Layout) -> Self {
+        Page {
+            data: self.data[..lay.head_off / 8].to_vec(),
+            ..self.clone_meta()
+        }
+    }
+
+    fn clone_meta(&self) -> Self {
+        Page {
+            bits: self.bits,
+            cap: self.cap,
+            start: self.start,
+            len: self.len,
+            closed: self.closed,
+            min_pos: self.min_pos,
+            max_pos: self.max_pos,
+            data: Vec::new(),
+            dev: None,
         }
     }
 
@@ -244,7 +315,7 @@ impl Page {
 
     /// Allocated bytes.
     pub fn nbytes(&self) -> usize {
-        self.data.len() * 8
+        self.dev.as_ref().map_or(self.data.len() * 8, |d| d.bytes)
     }
 
     /// The raw bytes.
@@ -288,7 +359,8 @@ impl Page {
         self.max_pos = hi;
     }
 
-    fn write_meta(&mut self, pos: &[i32], tags: &[u8]) {
+    /// Records `pos` and `tags` in the next slots (the data is written by the caller).
+    pub fn write_meta(&mut self, pos: &[i32], tags: &[u8]) {
         let (u0, cap) = (self.len, self.cap);
         let n = pos.len();
         let b = self.bytes_mut();

@@ -18,6 +18,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use crate::cuda::abi::{self, RkvDst, RkvSrc};
+use crate::cuda::backend::{Backend, DevBuf};
 use crate::error::{Error, Result};
 use crate::hadamard::Hadamard;
 use crate::page::{
@@ -28,7 +30,7 @@ use crate::quant::{check_bits, unpack_row};
 use crate::rope::Rope;
 use crate::rotation::{Mode, RotationPlan};
 use crate::simd::f16_to_f32;
-use crate::tensor::View4;
+use crate::tensor::{DType, View4};
 
 /// How keys are grouped for quantization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,6 +200,92 @@ pub struct KVStore {
     pub meta: Meta,
     /// `[layer][sequence]`.
     pub layers: Vec<Vec<Seq>>,
+    /// Set when the pages live on a device (see [`KVStore::to_device`]).
+    pub dev: Option<DeviceState>,
+}
+
+/// What a device store keeps on its device besides pages: the plan's permutations (one
+/// `u32` array per layer) and RoPE's inverse frequencies.
+#[derive(Clone, Debug)]
+pub struct DeviceState {
+    /// Memory and launches.
+    pub backend: Arc<dyn Backend>,
+    /// `key_perm[layer]` on the device.
+    pub perm: Vec<DevBuf>,
+    /// `inv_freq` on the device (pre-RoPE plans).
+    pub inv_freq: Option<DevBuf>,
+}
+
+/// A tensor in device memory as its owner (torch) describes it; strides in elements.
+#[derive(Clone, Copy, Debug)]
+pub struct DevTensor {
+    /// Device address of element `[0, 0, 0, 0]`.
+    pub ptr: u64,
+    /// Sizes.
+    pub shape: [usize; 4],
+    /// Strides in elements.
+    pub strides: [usize; 4],
+    /// Element type.
+    pub dtype: DType,
+}
+
+/// What [`KVStore::append_device`] takes besides the layer. Values are checked for range by
+/// the caller (the Python layer, on the device).
+#[derive(Clone, Copy, Debug)]
+pub struct DevAppendArgs<'a> {
+    /// Keys `[B, Hkv, T, D]`.
+    pub k: DevTensor,
+    /// Values `[B, Hkv, T, D]`.
+    pub v: DevTensor,
+    /// As in [`AppendArgs`].
+    pub tokens: TokenArgs<'a>,
+}
+
+/// Per-token arguments of an append (host arrays).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TokenArgs<'a> {
+    /// Positions, `[B*T]` or `[T]`.
+    pub positions: Option<&'a [i64]>,
+    /// Protected tokens `[B*T]`.
+    pub protect: Option<&'a [bool]>,
+    /// Tokens to store `[B*T]`.
+    pub valid: Option<&'a [bool]>,
+    /// Per-token bits `[B*T]`.
+    pub bits: Option<&'a [u8]>,
+}
+
+impl AppendArgs<'_> {
+    fn tokens(&self) -> TokenArgs<'_> {
+        TokenArgs {
+            positions: self.positions,
+            protect: self.protect,
+            valid: self.valid,
+            bits: self.bits,
+        }
+    }
+}
+
+/// The element-type code the kernels use.
+pub fn dtype_code(d: DType) -> i32 {
+    match d {
+        DType::F32 => abi::F32,
+        DType::F16 => abi::F16,
+        DType::BF16 => abi::BF16,
+    }
+}
+
+/// Device work collected while a layer's sequences are appended, launched at the end.
+#[derive(Default)]
+struct DevOps {
+    backend: Option<Arc<dyn Backend>>,
+    srcs: Vec<RkvSrc>,
+    dsts: Vec<RkvDst>,
+    /// Per-channel pages: (address, class, first key row).
+    channel: Vec<(u64, usize, i32)>,
+    key_rows: i32,
+    /// Window pages emptied by this append: their memory is read by the launch, so they go
+    /// back to the pool only after it is queued.
+    keep: Vec<Arc<Page>>,
 }
 
 /// What [`KVStore::append`] takes besides the layer.
@@ -222,14 +310,20 @@ pub struct AppendArgs<'a> {
 struct Staged {
     k: Vec<f32>,
     v: Vec<f32>,
+    /// Device stores stage where each token's rows are instead of their values.
+    src: Vec<RkvSrc>,
     pos: Vec<i32>,
     tag: Vec<u8>,
 }
 
 impl Staged {
     fn push_from(&mut self, other: &Staged, i: usize, hd: usize) {
-        self.k.extend_from_slice(&other.k[i * hd..(i + 1) * hd]);
-        self.v.extend_from_slice(&other.v[i * hd..(i + 1) * hd]);
+        if other.src.is_empty() {
+            self.k.extend_from_slice(&other.k[i * hd..(i + 1) * hd]);
+            self.v.extend_from_slice(&other.v[i * hd..(i + 1) * hd]);
+        } else {
+            self.src.push(other.src[i]);
+        }
         self.pos.push(other.pos[i]);
         self.tag.push(other.tag[i]);
     }
@@ -381,6 +475,7 @@ impl KVStore {
         Ok(KVStore {
             meta,
             layers: vec![vec![Seq::default(); batch]; num_layers],
+            dev: None,
         })
     }
 
@@ -466,15 +561,71 @@ impl KVStore {
 
     /// Validates everything about an append before anything changes.
     fn validate_append(&self, layer: usize, a: &AppendArgs) -> Result<(usize, usize)> {
+        if self.dev.is_some() {
+            return Err(Error::device(format!(
+                "k: this store lives on {}: pass device tensors",
+                self.device_name()
+            )));
+        }
+        let (b, t) = self.validate_tokens(layer, a.k.shape, a.v.shape, &a.tokens())?;
+        let m = &self.meta;
+        // Non-finite keys or values would poison a whole quantization group; values beyond
+        // fp16's range cannot be represented by fp16 scales and zeros (nor by fp16 tokens).
+        // Only tokens kept in bfloat16 (16-bit class with fp_format bfloat16) escape the bound.
+        let mut row = vec![0f32; m.d];
+        let bf16 = m.cfg.fp_format == crate::page::FpFormat::BF16;
+        for (name, v) in [("k", &a.k), ("v", &a.v)] {
+            for bi in 0..b {
+                for h in 0..m.heads {
+                    for ti in 0..t {
+                        let idx = bi * t + ti;
+                        if a.valid.is_some_and(|vv| !vv[idx]) {
+                            continue;
+                        }
+                        v.read_row(bi, h, ti, &mut row);
+                        if let Some(x) = row.iter().find(|x| !x.is_finite()) {
+                            return Err(Error::value(
+                                name,
+                                "finite values",
+                                format!("{x} at [{bi}, {h}, {ti}]"),
+                            ));
+                        }
+                        let wide = bf16
+                            && (a.protect.is_some_and(|p| p[idx])
+                                || a.bits.map_or(m.cfg.bits, |b| b[idx]) == 16);
+                        if !wide {
+                            if let Some(x) = row.iter().find(|x| x.abs() > 65504.0) {
+                                return Err(Error::value(
+                                    name,
+                                    "values within ±65504 (fp16 scales, zeros and tokens; use fp_format='bfloat16' with 16-bit tokens for wider ranges)",
+                                    format!("{x} at [{bi}, {h}, {ti}]"),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok((b, t))
+    }
+
+    /// Checks shapes, per-token arguments and capacity (everything but the values).
+    fn validate_tokens(
+        &self,
+        layer: usize,
+        kshape: [usize; 4],
+        vshape: [usize; 4],
+        a: &TokenArgs,
+    ) -> Result<(usize, usize)> {
         let m = &self.meta;
         let want = |t: usize| [m.batch, m.heads, t, m.d];
-        let t = a.k.shape[2];
-        for (name, v) in [("k", &a.k), ("v", &a.v)] {
-            if v.shape != want(t) {
+        let t = kshape[2];
+        for (name, shape) in [("k", kshape), ("v", vshape)] {
+            if shape != want(t) {
                 return Err(Error::shape(
                     name,
                     format!("[B={}, Hkv={}, T={t}, D={}]", m.batch, m.heads, m.d),
-                    shape_str(&v.shape),
+                    shape_str(&shape),
                 ));
             }
         }
@@ -522,43 +673,6 @@ impl KVStore {
                 check_bits("bits", x)?;
             }
         }
-        // Non-finite keys or values would poison a whole quantization group; values beyond
-        // fp16's range cannot be represented by fp16 scales and zeros (nor by fp16 tokens).
-        // Only tokens kept in bfloat16 (16-bit class with fp_format bfloat16) escape the bound.
-        let mut row = vec![0f32; m.d];
-        let bf16 = m.cfg.fp_format == crate::page::FpFormat::BF16;
-        for (name, v) in [("k", &a.k), ("v", &a.v)] {
-            for bi in 0..b {
-                for h in 0..m.heads {
-                    for ti in 0..t {
-                        let idx = bi * t + ti;
-                        if a.valid.is_some_and(|vv| !vv[idx]) {
-                            continue;
-                        }
-                        v.read_row(bi, h, ti, &mut row);
-                        if let Some(x) = row.iter().find(|x| !x.is_finite()) {
-                            return Err(Error::value(
-                                name,
-                                "finite values",
-                                format!("{x} at [{bi}, {h}, {ti}]"),
-                            ));
-                        }
-                        let wide = bf16
-                            && (a.protect.is_some_and(|p| p[idx])
-                                || a.bits.map_or(m.cfg.bits, |b| b[idx]) == 16);
-                        if !wide {
-                            if let Some(x) = row.iter().find(|x| x.abs() > 65504.0) {
-                                return Err(Error::value(
-                                    name,
-                                    "values within ±65504 (fp16 scales, zeros and tokens; use fp_format='bfloat16' with 16-bit tokens for wider ranges)",
-                                    format!("{x} at [{bi}, {h}, {ti}]"),
-                                ));
-                            }
-                        }
-                    }
-                }
-            }
-        }
         if let Some(cap) = m.max_tokens {
             for (bi, s) in self.layers[layer].iter().enumerate() {
                 let valid = a.valid.map_or(t, |v| {
@@ -597,13 +711,142 @@ impl KVStore {
         }
         // Default positions continue each sequence, per layer.
         let meta = &self.meta;
+        let tok = a.tokens();
         self.layers[layer]
             .par_iter_mut()
             .enumerate()
-            .for_each(|(b, seq)| {
-                append_seq(meta, layer, seq, b, t, a);
-            });
-        Ok(())
+            .try_for_each(|(b, seq)| {
+                let stage = |st: &mut Staged, ti: usize| {
+                    let mut row = vec![0f32; meta.d];
+                    for h in 0..meta.heads {
+                        a.k.read_row(b, h, ti, &mut row);
+                        st.k.extend_from_slice(&row);
+                    }
+                    for h in 0..meta.heads {
+                        a.v.read_row(b, h, ti, &mut row);
+                        st.v.extend_from_slice(&row);
+                    }
+                };
+                append_seq(meta, layer, seq, b, t, &tok, stage, &mut DevOps::default())
+            })
+    }
+
+    /// [`KVStore::append`] for a device store: `k` and `v` are device tensors; the tokens
+    /// are rotated, quantized and packed on the device in one launch per layer.
+    pub fn append_device(&mut self, layer: usize, a: &DevAppendArgs) -> Result<()> {
+        let Some(dev) = &self.dev else {
+            return Err(Error::device(
+                "k: this store lives on the CPU: pass CPU tensors",
+            ));
+        };
+        let backend = dev.backend.clone();
+        let (b, t) = self.validate_tokens(layer, a.k.shape, a.v.shape, &a.tokens)?;
+        if t == 0 {
+            return Ok(());
+        }
+        let meta = &self.meta;
+        let mut ops = DevOps {
+            backend: Some(backend.clone()),
+            ..Default::default()
+        };
+        let size = |d: DType| if d == DType::F32 { 4u64 } else { 2 };
+        for (bi, seq) in self.layers[layer].iter_mut().enumerate().take(b) {
+            let stage = |st: &mut Staged, ti: usize| {
+                let at = |x: &DevTensor| {
+                    x.ptr + ((bi * x.strides[0] + ti * x.strides[2]) as u64) * size(x.dtype)
+                };
+                st.src.push(RkvSrc {
+                    k: at(&a.k),
+                    v: at(&a.v),
+                    k_sh: a.k.strides[1] as i64,
+                    k_sc: a.k.strides[3] as i64,
+                    v_sh: a.v.strides[1] as i64,
+                    v_sc: a.v.strides[3] as i64,
+                    dtype: dtype_code(a.k.dtype),
+                    round: 0,
+                });
+            };
+            append_seq(meta, layer, seq, bi, t, &a.tokens, stage, &mut ops)?;
+        }
+        let dev = self.dev.as_ref().expect("device store");
+        flush_device(meta, dev, layer, &mut ops)
+    }
+
+    /// The device the pages live on: `"cpu"`, `"cuda:N"` or `"emu"`.
+    pub fn device_name(&self) -> String {
+        self.dev
+            .as_ref()
+            .map_or_else(|| "cpu".to_string(), |d| d.backend.name())
+    }
+
+    /// A copy of this store with its pages on `backend`.
+    pub fn to_device(&self, backend: &Arc<dyn Backend>) -> Result<KVStore> {
+        let m = &self.meta;
+        let mut perm = Vec::new();
+        for p in &m.plan.key_perm {
+            let bytes: Vec<u8> = p.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let buf = DevBuf::new(backend, bytes.len().max(4))?;
+            backend.h2d(buf.ptr, &bytes)?;
+            perm.push(buf);
+        }
+        let inv_freq = match &m.rope {
+            Some(r) => {
+                let bytes: Vec<u8> = r.inv_freq.iter().flat_map(|x| x.to_le_bytes()).collect();
+                let buf = DevBuf::new(backend, bytes.len())?;
+                backend.h2d(buf.ptr, &bytes)?;
+                Some(buf)
+            }
+            None => None,
+        };
+        let conv = |p: &Arc<Page>| -> Result<Arc<Page>> {
+            Ok(Arc::new(p.to_device(m.layout(p.bits), backend)?))
+        };
+        let mut layers = Vec::new();
+        for l in &self.layers {
+            let mut seqs = Vec::new();
+            for s in l {
+                let mut n = s.clone();
+                n.pages = s.pages.iter().map(conv).collect::<Result<_>>()?;
+                n.window = s.window.iter().map(conv).collect::<Result<_>>()?;
+                seqs.push(n);
+            }
+            layers.push(seqs);
+        }
+        Ok(KVStore {
+            meta: m.clone(),
+            layers,
+            dev: Some(DeviceState {
+                backend: backend.clone(),
+                perm,
+                inv_freq,
+            }),
+        })
+    }
+
+    /// A copy of this store with its pages in host memory.
+    pub fn to_host(&self) -> Result<KVStore> {
+        if self.dev.is_none() {
+            return Ok(self.clone());
+        }
+        let m = &self.meta;
+        let conv =
+            |p: &Arc<Page>| -> Result<Arc<Page>> { Ok(Arc::new(p.to_host(m.layout(p.bits))?)) };
+        let mut layers = Vec::new();
+        for l in &self.layers {
+            let mut seqs = Vec::new();
+            for s in l {
+                let mut n = s.clone();
+                n.pages = s.pages.iter().map(conv).collect::<Result<_>>()?;
+                n.window = s.window.iter().map(conv).collect::<Result<_>>()?;
+                seqs.push(n);
+            }
+            layers.push(seqs);
+        }
+        Ok(KVStore {
+            meta: m.clone(),
+            layers,
+            dev: None,
+        })
     }
 
     /// Beam-search reorder: sequence `i` becomes old sequence `indices[i]` in every layer.
@@ -648,7 +891,7 @@ impl KVStore {
         for layer in &mut self.layers {
             for (i, seq) in layer.iter_mut().enumerate() {
                 let len = lengths[if lengths.len() == 1 { 0 } else { i }];
-                truncate_seq(meta, seq, len);
+                truncate_seq(meta, seq, len)?;
             }
         }
         Ok(())
@@ -803,7 +1046,15 @@ fn keys_raw_cm(m: &Meta, k: &[f32], n: usize) -> Vec<f32> {
     out
 }
 
-fn open_page<'s>(m: &Meta, seq: &'s mut Seq, bits: u8) -> &'s mut Page {
+/// A new empty page of `lay`, on the device when `ops` has one.
+fn new_page(lay: &Layout, ops: &DevOps) -> Result<Page> {
+    match &ops.backend {
+        Some(b) => Page::new_device(lay, b),
+        None => Ok(Page::new(lay)),
+    }
+}
+
+fn open_page<'s>(m: &Meta, seq: &'s mut Seq, bits: u8, ops: &DevOps) -> Result<&'s mut Page> {
     let ci = class_index(bits);
     let ok = seq.open[ci].is_some_and(|i| {
         i < seq.pages.len() && seq.pages[i].bits == bits && seq.pages[i].has_room()
@@ -815,19 +1066,54 @@ fn open_page<'s>(m: &Meta, seq: &'s mut Seq, bits: u8) -> &'s mut Page {
             .iter()
             .rposition(|p| p.bits == bits && p.has_room());
         if seq.open[ci].is_none() {
-            seq.pages.push(Arc::new(Page::new(m.layout(bits))));
+            seq.pages.push(Arc::new(new_page(m.layout(bits), ops)?));
             seq.open[ci] = Some(seq.pages.len() - 1);
         }
     }
     let i = seq.open[ci].unwrap_or_default();
-    Arc::make_mut(&mut seq.pages[i])
+    Ok(Arc::make_mut(&mut seq.pages[i]))
+}
+
+/// Queues the device writes of staged tokens `r` into `page` (slots from `page.len`).
+fn queue_device(ops: &mut DevOps, page: &Page, st: &Staged, r: std::ops::Range<usize>) {
+    let cls = class_index(page.bits);
+    let per_channel = page.bits < 16 && page.closed;
+    let row0 = ops.key_rows;
+    for (j, i) in r.enumerate() {
+        let key_row = if per_channel {
+            ops.key_rows += 1;
+            ops.key_rows - 1
+        } else {
+            -1
+        };
+        ops.dsts.push(RkvDst {
+            page: page.dev_ptr(),
+            cls: cls as i32,
+            slot: (page.len + j) as i32,
+            pos: st.pos[i],
+            tag: st.tag[i] as i32,
+            key_row,
+            pad: 0,
+        });
+        ops.srcs.push(st.src[i]);
+    }
+    if per_channel {
+        ops.channel.push((page.dev_ptr(), cls, row0));
+    }
 }
 
 /// Writes staged tokens (all of one class) into that class's pages.
-fn put(m: &Meta, layer: usize, seq: &mut Seq, st: &Staged, bits: u8) {
+fn put(
+    m: &Meta,
+    layer: usize,
+    seq: &mut Seq,
+    st: &Staged,
+    bits: u8,
+    ops: &mut DevOps,
+) -> Result<()> {
     let n = st.len();
     if n == 0 {
-        return;
+        return Ok(());
     }
     let hd = m.heads * m.d;
     let lay = m.layout(bits).clone();
@@ -836,14 +1122,22 @@ fn put(m: &Meta, layer: usize, seq: &mut Seq, st: &Staged, bits: u8) {
     while done < n {
         let per_channel = bits < 16 && lay.per_channel;
         let page = if per_channel {
-            seq.pages.push(Arc::new(Page::new(&lay)));
+            seq.pages.push(Arc::new(new_page(&lay, ops)?));
             let i = seq.pages.len() - 1;
             Arc::make_mut(&mut seq.pages[i])
         } else {
-            open_page(m, seq, bits)
+            open_page(m, seq, bits, ops)?
         };
         let take = (page.cap - page.len).min(n - done);
         let r = done..done + take;
+        if ops.backend.is_some() {
+            // Per-channel pages are written whole: mark before queueing (see queue_device).
+            page.closed |= per_channel;
+            queue_device(ops, page, st, r.clone());
+            page.write_meta(&st.pos[r.clone()], &st.tag[r]);
+            done += take;
+            continue;
+        }
         let k = &st.k[r.start * hd..r.end * hd];
         let mut v = st.v[r.start * hd..r.end * hd].to_vec();
         let keys = if bits == 16 {
@@ -869,20 +1163,27 @@ fn put(m: &Meta, layer: usize, seq: &mut Seq, st: &Staged, bits: u8) {
         }
         done += take;
     }
+    Ok(())
 }
 
 /// Writes staged tokens into the window's pages.
-fn put_window(m: &Meta, seq: &mut Seq, st: &Staged) {
+fn put_window(m: &Meta, seq: &mut Seq, st: &Staged, ops: &mut DevOps) -> Result<()> {
     let hd = m.heads * m.d;
     let lay = m.layout(16).clone();
     let mut done = 0;
     while done < st.len() {
         if !seq.window.back().is_some_and(|p| p.has_room()) {
-            seq.window.push_back(Arc::new(Page::new(&lay)));
+            seq.window.push_back(Arc::new(new_page(&lay, ops)?));
         }
         let page = Arc::make_mut(seq.window.back_mut().expect("window page"));
         let take = (page.cap - page.len).min(st.len() - done);
         let r = done..done + take;
+        if ops.backend.is_some() {
+            queue_device(ops, page, st, r.clone());
+            page.write_meta(&st.pos[r.clone()], &st.tag[r]);
+            done += take;
+            continue;
+        }
         let keys = keys_raw_cm(m, &st.k[r.start * hd..r.end * hd], take);
         let chunk = Chunk {
             keys: &keys,
@@ -893,12 +1194,15 @@ fn put_window(m: &Meta, seq: &mut Seq, st: &Staged) {
         write_fp(page, &lay, &chunk, m.cfg.fp_format);
         done += take;
     }
+    Ok(())
 }
 
-/// Takes the `n` oldest window tokens out of the window, decoded to f32.
-fn drain_window(m: &Meta, seq: &mut Seq, mut n: usize, into: &mut Staged) {
+/// Takes the `n` oldest window tokens out of the window: decoded to f32, or on a device
+/// store as references to their 16-bit slots.
+fn drain_window(m: &Meta, seq: &mut Seq, mut n: usize, into: &mut Staged, ops: &mut DevOps) {
     let (d, heads) = (m.d, m.heads);
     let fmt = m.cfg.fp_format;
+    let lay = m.layout(16);
     while n > 0 {
         let Some(front) = seq.window.front_mut() else {
             break;
@@ -909,20 +1213,34 @@ fn drain_window(m: &Meta, seq: &mut Seq, mut n: usize, into: &mut Staged) {
             continue;
         }
         let page = Arc::make_mut(front);
-        let lay = m.layout(16);
         let take = page.live().min(n);
         for u in page.start..page.start + take {
-            for h in 0..heads {
-                let base = lay.head(h);
-                let kk = page.u16s(base, d * lay.cap);
-                into.k
-                    .extend((0..d).map(|c| fmt.decode(kk[c * lay.cap + u])));
-            }
-            for h in 0..heads {
-                let base = lay.head(h);
-                let vv = page.u16s(base + lay.v_codes, lay.cap * d);
-                into.v
-                    .extend(vv[u * d..(u + 1) * d].iter().map(|x| fmt.decode(*x)));
+            if let Some(dev) = page.dev.as_ref() {
+                // Slot u: keys channel-major [D][cap] per head, values [cap][D] per head.
+                let base = dev.ptr + lay.head_off as u64;
+                into.src.push(RkvSrc {
+                    k: base + 2 * u as u64,
+                    v: base + (lay.v_codes + 2 * u * d) as u64,
+                    k_sh: (lay.head_bytes / 2) as i64,
+                    k_sc: lay.cap as i64,
+                    v_sh: (lay.head_bytes / 2) as i64,
+                    v_sc: 1,
+                    dtype: abi::fp_code(fmt),
+                    round: 0,
+                });
+            } else {
+                for h in 0..heads {
+                    let base = lay.head(h);
+                    let kk = page.u16s(base, d * lay.cap);
+                    into.k
+                        .extend((0..d).map(|c| fmt.decode(kk[c * lay.cap + u])));
+                }
+                for h in 0..heads {
+                    let base = lay.head(h);
+                    let vv = page.u16s(base + lay.v_codes, lay.cap * d);
+                    into.v
+                        .extend(vv[u * d..(u + 1) * d].iter().map(|x| fmt.decode(*x)));
+                }
             }
             into.pos.push(page.positions()[u]);
             // Window tags are target widths; anything else (a damaged file) falls back to
@@ -937,7 +1255,11 @@ fn drain_window(m: &Meta, seq: &mut Seq, mut n: usize, into: &mut Staged) {
         page.start += take;
         n -= take;
         if page.live() == 0 {
-            seq.window.pop_front();
+            if let Some(p) = seq.window.pop_front() {
+                if ops.backend.is_some() {
+                    ops.keep.push(p);
+                }
+            }
         } else {
             page.refresh_range();
         }
@@ -948,13 +1270,24 @@ fn window_len(seq: &Seq) -> usize {
     seq.window.iter().map(|p| p.live()).sum()
 }
 
-fn append_seq(m: &Meta, layer: usize, seq: &mut Seq, b: usize, t: usize, a: &AppendArgs) {
+/// Appends sequence `b`'s tokens; `stage` copies token `ti`'s rows (or their addresses,
+/// on a device store) into a staging list.
+#[allow(clippy::too_many_arguments)]
+fn append_seq(
+    m: &Meta,
+    layer: usize,
+    seq: &mut Seq,
+    b: usize,
+    t: usize,
+    a: &TokenArgs,
+    stage: impl Fn(&mut Staged, usize),
+    ops: &mut DevOps,
+) -> Result<()> {
     let hd = m.heads * m.d;
     let (mut direct16, mut windowed) = (Staged::default(), Staged::default());
     // Ordered by class, so that pages (and the order attention sums them in) do not depend
     // on hash order: the same appends give bit-identical stores and outputs.
     let mut direct: BTreeMap<u8, Staged> = BTreeMap::new();
-    let mut row = vec![0f32; m.d];
     let mut next = seq.next_pos;
     let use_window = m.uses_window();
     let fmt = m.cfg.fp_format;
@@ -978,24 +1311,17 @@ fn append_seq(m: &Meta, layer: usize, seq: &mut Seq, b: usize, t: usize, a: &App
         } else {
             (direct.entry(bits).or_default(), bits)
         };
-        for h in 0..m.heads {
-            a.k.read_row(b, h, ti, &mut row);
-            dst.k.extend_from_slice(&row);
-        }
-        for h in 0..m.heads {
-            a.v.read_row(b, h, ti, &mut row);
-            dst.v.extend_from_slice(&row);
-        }
+        stage(dst, ti);
         dst.pos.push(pos as i32);
         dst.tag.push(tag);
     }
     seq.next_pos = next;
-    put(m, layer, seq, &direct16, 16);
+    put(m, layer, seq, &direct16, 16, ops)?;
     for (bits, st) in &direct {
-        put(m, layer, seq, st, *bits);
+        put(m, layer, seq, st, *bits, ops)?;
     }
     if windowed.len() == 0 {
-        return;
+        return Ok(());
     }
     // How many of (window + new) leave the window now.
     let w0 = window_len(seq);
@@ -1006,24 +1332,28 @@ fn append_seq(m: &Meta, layer: usize, seq: &mut Seq, b: usize, t: usize, a: &App
         KeyLayout::PerChannel => over / m.cap * m.cap,
     };
     let mut out = Staged::default();
-    drain_window(m, seq, leave.min(w0), &mut out);
+    drain_window(m, seq, leave.min(w0), &mut out, ops);
     let from_new = leave.saturating_sub(w0);
     for i in 0..from_new {
         out.push_from(&windowed, i, hd);
     }
     // Tokens leaving at once are rounded as if they had waited in the window.
     let n_old = out.len() - from_new;
-    out.k[n_old * hd..]
-        .iter_mut()
-        .for_each(|x| *x = fmt.round(*x));
-    out.v[n_old * hd..]
-        .iter_mut()
-        .for_each(|x| *x = fmt.round(*x));
+    if ops.backend.is_some() {
+        out.src[n_old..].iter_mut().for_each(|s| s.round = 1);
+    } else {
+        out.k[n_old * hd..]
+            .iter_mut()
+            .for_each(|x| *x = fmt.round(*x));
+        out.v[n_old * hd..]
+            .iter_mut()
+            .for_each(|x| *x = fmt.round(*x));
+    }
     let mut rest = Staged::default();
     for i in from_new..windowed.len() {
         rest.push_from(&windowed, i, hd);
     }
-    put_window(m, seq, &rest);
+    put_window(m, seq, &rest, ops)?;
     let mut by_class: BTreeMap<u8, Staged> = BTreeMap::new();
     for i in 0..out.len() {
         by_class
@@ -1032,18 +1362,113 @@ fn append_seq(m: &Meta, layer: usize, seq: &mut Seq, b: usize, t: usize, a: &App
             .push_from(&out, i, hd);
     }
     for (bits, st) in &by_class {
-        put(m, layer, seq, st, *bits);
+        put(m, layer, seq, st, *bits, ops)?;
     }
+    Ok(())
 }
 
-fn truncate_seq(m: &Meta, seq: &mut Seq, len: i64) {
-    let keep = |p: &Arc<Page>| (p.min_pos as i64) < len;
-    let fix = |p: &mut Arc<Page>| {
-        if p.live() == 0 || (p.max_pos as i64) < len {
-            return;
+/// Uploads a host array into scratch device memory.
+fn upload<T: bytemuck::Pod>(b: &Arc<dyn Backend>, x: &[T]) -> Result<u64> {
+    let bytes: &[u8] = bytemuck::cast_slice(x);
+    let p = b.temp(bytes.len())?;
+    b.h2d(p, bytes)?;
+    Ok(p)
+}
+
+/// Launches the queued writes of one append (all sequences of a layer at once).
+fn flush_device(m: &Meta, dev: &DeviceState, layer: usize, ops: &mut DevOps) -> Result<()> {
+    let b = &dev.backend;
+    if ops.dsts.is_empty() {
+        return Ok(());
+    }
+    let (kclip, vclip) = m.clips(layer);
+    let lay = abi::layouts(m);
+    let mut temps = Vec::new();
+    let res = (|| -> Result<()> {
+        let src = upload(b, &ops.srcs)?;
+        temps.push(src);
+        let dst = upload(b, &ops.dsts)?;
+        temps.push(dst);
+        let key_out = if ops.key_rows > 0 {
+            let p = b.temp(ops.key_rows as usize * m.heads * m.d * 4)?;
+            temps.push(p);
+            p
+        } else {
+            0
+        };
+        let p = abi::RkvAppendParams {
+            src,
+            dst,
+            perm: dev.perm[layer].ptr,
+            key_out,
+            n_tok: ops.dsts.len() as i32,
+            heads: m.heads as i32,
+            d: m.d as i32,
+            group_heads: m.plan.group_heads as i32,
+            rotate_keys: m.plan.rotates_keys() as i32,
+            rotate_values: m.plan.rotate_values as i32,
+            fp_format: abi::fp_code(m.cfg.fp_format),
+            pad: 0,
+            key_clip: kclip,
+            value_clip: vclip,
+            lay,
+        };
+        let (grid, smem) = abi::append_shape(m, ops.dsts.len());
+        b.launch(crate::cuda::backend::Launch::Append(&p, grid, smem))?;
+        if !ops.channel.is_empty() {
+            let pages: Vec<abi::RkvPage> = ops
+                .channel
+                .iter()
+                .map(|&(ptr, cls, row0)| abi::RkvPage {
+                    data: ptr,
+                    cls: cls as i32,
+                    start: row0,
+                    len: m.cap as i32,
+                    pad: 0,
+                })
+                .collect();
+            let pp = upload(b, &pages)?;
+            temps.push(pp);
+            let cp = abi::RkvChannelParams {
+                keys: key_out,
+                pages: pp,
+                n_pages: pages.len() as i32,
+                heads: m.heads as i32,
+                d: m.d as i32,
+                pad: 0,
+                key_clip: kclip,
+                pad1: 0.0,
+                lay,
+            };
+            b.launch(crate::cuda::backend::Launch::Channel(&cp))?;
         }
-        let page = Arc::make_mut(p);
-        let lay = m.layout(page.bits).clone();
+        Ok(())
+    })();
+    for t in temps {
+        b.free_temp(t);
+    }
+    ops.keep.clear();
+    res
+}
+
+fn truncate_seq(m: &Meta, seq: &mut Seq, len: i64) -> Result<()> {
+    let keep = |p: &Arc<Page>| (p.min_pos as i64) < len;
+    let fix = |p: &mut Arc<Page>| -> Result<()> {
+        if p.live() == 0 || (p.max_pos as i64) < len {
+            return Ok(());
+        }
+        let lay = m.layout(p.bits).clone();
+        // Compaction moves codes between slots: on a device page it runs on a host copy
+        // that is written back (truncation is rare: speculative decoding, crop).
+        let mut host = if p.dev.is_some() {
+            Some(p.to_host(&lay)?)
+        } else {
+            None
+        };
+        let page = match host.as_mut() {
+            Some(h) => h,
+            None => Arc::make_mut(p),
+        };
         let mut w = page.start;
         for u in page.start..page.len {
             if (page.positions()[u] as i64) < len {
@@ -1055,11 +1480,21 @@ fn truncate_seq(m: &Meta, seq: &mut Seq, len: i64) {
         }
         page.len = w;
         page.refresh_range();
+        if let Some(h) = host {
+            let d = Arc::make_mut(p);
+            let dev = d.dev.as_ref().expect("device page");
+            dev.backend.h2d(dev.ptr, h.bytes())?;
+            let dev = d.dev.take();
+            *d = h.header_copy(&lay);
+            d.dev = dev;
+        }
+        Ok(())
     };
     seq.pages.retain(|p| p.live() > 0 && keep(p));
-    seq.pages.iter_mut().for_each(fix);
+    seq.pages.iter_mut().try_for_each(fix)?;
     seq.window.retain(|p| p.live() > 0 && keep(p));
-    seq.window.iter_mut().for_each(fix);
+    seq.window.iter_mut().try_for_each(fix)?;
     seq.open = [None; 5];
     seq.next_pos = seq.next_pos.min(len);
+    Ok(())
 }

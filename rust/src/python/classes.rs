@@ -9,8 +9,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use super::buffers::{borrow, Borrow};
+use super::device::{backend_for, dev_tensor, guard, use_torch_stream};
 use super::dlpack::export_page;
-use super::errors::{arg_err, device_err, dtype_err, shape_err, to_py};
+use super::errors::{arg_err, dtype_err, shape_err, to_py};
 use crate::attend::{attend, AttendArgs};
 use crate::page::{FpFormat, Page};
 use crate::rope::Rope;
@@ -389,17 +390,26 @@ impl PyPageBuffer {
         dl_device: Option<Bound<'py, PyAny>>,
         copy: Option<bool>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let _ = (stream, max_version, dl_device);
+        let _ = (max_version, dl_device);
         if copy == Some(true) {
             return Err(arg_err(
                 py,
                 "copy: PageBuffer exports only zero-copy views".into(),
             ));
         }
+        if let (Some(d), Some(s)) = (&self.page.dev, &stream) {
+            // The consumer reads on its stream: let every queued write to the page finish
+            // first (conservative, and correct for any stream it names).
+            let _ = s;
+            rk(py, d.backend.sync())?;
+        }
         export_page(py, self.page.clone())
     }
     fn __dlpack_device__(&self) -> (i32, i32) {
-        (1, 0)
+        self.page
+            .dev
+            .as_ref()
+            .map_or((1, 0), |d| d.backend.dlpack_device())
     }
     /// Byte offsets of the sections (see README's layout table).
     #[getter]
@@ -526,7 +536,100 @@ fn cfg_from(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<Quant
     Ok(cfg)
 }
 
+/// A torch tensor moved to the CPU (small per-token arguments of device calls), or `o`.
+fn host<'py>(o: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let on_device = o.hasattr("is_cuda")? && o.getattr("is_cuda")?.extract::<bool>()?;
+    if on_device {
+        o.call_method0("cpu")
+    } else {
+        Ok(o.clone())
+    }
+}
+
 impl PyStore {
+    fn append_device<'py>(
+        &self,
+        py: Python<'py>,
+        layer: usize,
+        backend: std::sync::Arc<dyn crate::cuda::backend::Backend>,
+        (k, v): (&Bound<'py, PyAny>, &Bound<'py, PyAny>),
+        [positions, protect, valid, bits]: [&Option<Bound<'py, PyAny>>; 4],
+    ) -> PyResult<()> {
+        let name = backend.name();
+        let kd = dev_tensor(k, "k", &name)?;
+        let vd = dev_tensor(v, "v", &name)?;
+        let (batch, t) = (kd.shape[0], kd.shape[2]);
+        let host_opt = |o: &Option<Bound<'py, PyAny>>| o.as_ref().map(host).transpose();
+        let (positions, protect, valid, bits) = (
+            host_opt(positions)?,
+            host_opt(protect)?,
+            host_opt(valid)?,
+            host_opt(bits)?,
+        );
+        let pos = match &positions {
+            None => None,
+            Some(p) => {
+                let (v, shape) = int_array(py, p, "positions")?;
+                check_2d(py, "positions", &shape, batch, t, true)?;
+                Some(v)
+            }
+        };
+        let prot = match &protect {
+            None => None,
+            Some(p) => {
+                let (v, shape) = bool_array(py, p, "protect")?;
+                check_2d(py, "protect", &shape, batch, t, false)?;
+                Some(v)
+            }
+        };
+        let val = match &valid {
+            None => None,
+            Some(p) => {
+                let (v, shape) = bool_array(py, p, "valid")?;
+                check_2d(py, "valid", &shape, batch, t, false)?;
+                Some(v)
+            }
+        };
+        let bts = match &bits {
+            None => None,
+            Some(p) => {
+                let (v, shape) = int_array(py, p, "bits")?;
+                check_2d(py, "bits", &shape, batch, t, false)?;
+                if let Some(x) = v.iter().find(|x| ![2, 3, 4, 8, 16].contains(*x)) {
+                    return Err(arg_err(
+                        py,
+                        format!("bits: expected values in {{2, 3, 4, 8, 16}}, got {x}"),
+                    ));
+                }
+                Some(v.iter().map(|&x| x as u8).collect::<Vec<u8>>())
+            }
+        };
+        let (fp, default_bits) = {
+            let s = self.read();
+            (s.meta.cfg.fp_format.as_str(), s.meta.cfg.bits)
+        };
+        // Value checks run on the device (torch), before anything changes.
+        if kd.shape == vd.shape && kd.shape[1] == self.read().meta.heads {
+            py.import("rotatekv._device")?.call_method1(
+                "check_values",
+                (k, v, &valid, &protect, &bits, fp, default_bits),
+            )?;
+        }
+        let args = crate::store::DevAppendArgs {
+            k: kd,
+            v: vd,
+            tokens: crate::store::TokenArgs {
+                positions: pos.as_deref(),
+                protect: prot.as_deref(),
+                valid: val.as_deref(),
+                bits: bts.as_deref(),
+            },
+        };
+        use_torch_stream(py, &backend)?;
+        let res = py.detach(|| guard(|| self.write().append_device(layer, &args)));
+        rk(py, res)
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, KVStore> {
         // A panic while holding the lock is impossible by construction; recover anyway.
         self.inner.read().unwrap_or_else(|e| e.into_inner())
@@ -641,12 +744,7 @@ impl PyStore {
         device: &str,
         #[pyo3(from_py_with = max_tokens_obj)] max_tokens: Option<i64>,
     ) -> PyResult<Self> {
-        if device != "cpu" {
-            return Err(device_err(
-                py,
-                format!("device: expected 'cpu' (this build has no CUDA backend), got {device:?}"),
-            ));
-        }
+        let backend = backend_for(py, device)?;
         for (name, v) in [
             ("num_layers", num_layers),
             ("num_kv_heads", num_kv_heads),
@@ -728,6 +826,9 @@ impl PyStore {
         )?;
         let mut store = store;
         rk(py, store.set_max_tokens(max_tokens_arg(py, max_tokens)?))?;
+        if let Some(b) = backend {
+            store = rk(py, py.detach(|| guard(|| store.to_device(&b))))?;
+        }
         Ok(PyStore {
             inner: RwLock::new(store),
         })
@@ -765,6 +866,16 @@ impl PyStore {
             (s.meta.batch, s.meta.heads, s.meta.d)
         };
         let layer = rk(py, self.read().check_layer(layer))?;
+        let dev = self.read().dev.as_ref().map(|x| x.backend.clone());
+        if let Some(backend) = dev {
+            return self.append_device(
+                py,
+                layer,
+                backend,
+                (&k, &v),
+                [&positions, &protect, &valid, &bits],
+            );
+        }
         let kb = borrow(&k, "k")?;
         let vb = borrow(&v, "v")?;
         let want = format!("[B={batch}, Hkv={heads}, T, D={d}]");
@@ -840,6 +951,54 @@ impl PyStore {
             (s.meta.batch, s.meta.heads, s.meta.d)
         };
         let layer = rk(py, self.read().check_layer(layer))?;
+        let dev = self.read().dev.as_ref().map(|x| x.backend.clone());
+        if let Some(backend) = dev {
+            if let Some(w) = window {
+                if w <= 0 {
+                    return Err(arg_err(
+                        py,
+                        format!("window: expected a positive int, got {w}"),
+                    ));
+                }
+            }
+            let name = backend.name();
+            let qd = dev_tensor(&q, "q", &name)?;
+            if qd.shape[0] != batch || qd.shape[3] != d || qd.shape[1] % heads != 0 {
+                return Err(shape_err(
+                    py,
+                    format!(
+                        "q: expected shape [B={batch}, Hq (a multiple of {heads}), Tq, D={d}], got {:?}",
+                        qd.shape
+                    ),
+                ));
+            }
+            py.import("rotatekv._device")?
+                .call_method1("check_finite", (&q, "q"))?;
+            let pos = match &positions {
+                None => None,
+                Some(p) => {
+                    let p = host(p)?;
+                    let (v, shape) = int_array(py, &p, "positions")?;
+                    check_2d(py, "positions", &shape, batch, qd.shape[2], true)?;
+                    Some(v)
+                }
+            };
+            let out_obj = q.call_method1("new_empty", (PyTuple::new(py, qd.shape)?,))?;
+            let od = dev_tensor(&out_obj, "out", &name)?;
+            let o = crate::attend::Options {
+                positions: pos.as_deref(),
+                causal,
+                scale: scale.map(|s| s as f32),
+                window: window.map(|w| w as usize),
+                softcap: softcap.map(|s| s as f32),
+            };
+            use_torch_stream(py, &backend)?;
+            let res = py.detach(|| {
+                guard(|| crate::attend::attend_device(&self.read(), layer, &qd, &od, &o))
+            });
+            rk(py, res)?;
+            return Ok(out_obj);
+        }
         let qb = borrow(&q, "q")?;
         let qv = qb.view4(
             py,
@@ -912,14 +1071,14 @@ impl PyStore {
 
     /// Beam-search reorder: sequence i becomes old sequence indices[i].
     fn reorder(&self, py: Python<'_>, indices: Bound<'_, PyAny>) -> PyResult<()> {
-        let (v, shape) = int_array(py, &indices, "indices")?;
+        let (v, shape) = int_array(py, &host(&indices)?, "indices")?;
         if shape.len() != 1 {
             return Err(shape_err(
                 py,
                 format!("indices: expected a 1-D array, got shape {shape:?}"),
             ));
         }
-        rk(py, self.write().reorder(&v))
+        rk(py, guard(|| self.write().reorder(&v)))
     }
 
     /// Drops every token at position >= length (an int, or one per sequence).
@@ -927,9 +1086,9 @@ impl PyStore {
         let lens = if let Ok(x) = length.extract::<i64>() {
             vec![x]
         } else {
-            int_array(py, &length, "length")?.0
+            int_array(py, &host(&length)?, "length")?.0
         };
-        rk(py, self.write().truncate(&lens))
+        rk(py, guard(|| self.write().truncate(&lens)))
     }
 
     /// Removes every token.
@@ -953,6 +1112,13 @@ impl PyStore {
                 format!("seq: expected 0 <= seq < {}, got {seq}", s.meta.batch),
             ));
         }
+        let host;
+        let s = if s.dev.is_some() {
+            host = rk(py, guard(|| s.to_host()))?;
+            &host
+        } else {
+            &*s
+        };
         let (pos, k, v) = s.dequantize(l, seq as usize);
         let n = pos.len();
         let (h, d) = (s.meta.heads, s.meta.d);
@@ -1011,14 +1177,50 @@ impl PyStore {
 
     /// Writes the whole store (safetensors, checksummed, atomically).
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
-        let res = py.detach(|| crate::persist::save(&self.read(), &path));
+        let res = py.detach(|| {
+            guard(|| {
+                let s = self.read();
+                match s.dev {
+                    Some(_) => crate::persist::save(&s.to_host()?, &path),
+                    None => crate::persist::save(&s, &path),
+                }
+            })
+        });
         rk(py, res)
     }
 
-    /// Reads a store written by `save`, verifying every page.
+    /// Reads a store written by `save`, verifying every page, onto `device`.
     #[staticmethod]
-    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let res = py.detach(|| crate::persist::load(&path));
+    #[pyo3(signature = (path, device="cpu"))]
+    fn load(py: Python<'_>, path: PathBuf, device: &str) -> PyResult<Self> {
+        let backend = backend_for(py, device)?;
+        let res = py.detach(|| {
+            guard(|| {
+                let s = crate::persist::load(&path)?;
+                match &backend {
+                    Some(b) => s.to_device(b),
+                    None => Ok(s),
+                }
+            })
+        });
+        Ok(PyStore {
+            inner: RwLock::new(rk(py, res)?),
+        })
+    }
+
+    /// A copy of this store on `device` ('cpu', 'cuda', 'cuda:N', 'emu').
+    fn to(&self, py: Python<'_>, device: &str) -> PyResult<Self> {
+        let backend = backend_for(py, device)?;
+        let res = py.detach(|| {
+            guard(|| {
+                let s = self.read();
+                let host = s.to_host()?;
+                match &backend {
+                    Some(b) => host.to_device(b),
+                    None => Ok(host),
+                }
+            })
+        });
         Ok(PyStore {
             inner: RwLock::new(rk(py, res)?),
         })
@@ -1040,9 +1242,10 @@ impl PyStore {
     fn batch_size(&self) -> usize {
         self.read().meta.batch
     }
+    /// Where the pages live: 'cpu', 'cuda:N' or 'emu'.
     #[getter]
-    fn device(&self) -> &'static str {
-        "cpu"
+    fn device(&self) -> String {
+        self.read().device_name()
     }
     /// The rotation plan.
     #[getter]

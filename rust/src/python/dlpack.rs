@@ -160,14 +160,18 @@ unsafe extern "C" fn capsule_destructor(cap: *mut pyo3::ffi::PyObject) {
 /// A `dltensor` capsule over a page's bytes (uint8, 1-D), keeping the page alive.
 pub fn export_page<'py>(py: Python<'py>, page: Arc<Page>) -> PyResult<Bound<'py, PyAny>> {
     let len = page.nbytes();
-    let data = page.bytes().as_ptr() as *mut c_void;
+    // A device page exports its device memory (a CUDA page as kDLCUDA).
+    let (data, (device_type, device_id)) = match &page.dev {
+        Some(d) => (d.ptr as *mut c_void, d.backend.dlpack_device()),
+        None => (page.bytes().as_ptr() as *mut c_void, (1, 0)),
+    };
     let mut ex = Box::new(Export {
         managed: DLManagedTensor {
             dl_tensor: DLTensor {
                 data,
                 device: DLDevice {
-                    device_type: 1,
-                    device_id: 0,
+                    device_type,
+                    device_id,
                 },
                 ndim: 1,
                 dtype: DLDataType {

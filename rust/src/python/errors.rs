@@ -117,6 +117,7 @@ pub fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::DType { .. } => raise(py, 2, msg),
         Error::Format { .. } => raise(py, 3, msg),
         Error::Io { .. } => raise(py, 4, msg),
+        Error::Device { .. } => raise(py, 5, msg),
         Error::Capacity { .. } => raise(py, 6, msg),
     }
 }

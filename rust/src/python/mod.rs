@@ -3,6 +3,7 @@
 
 mod buffers;
 mod classes;
+mod device;
 mod dlpack;
 mod errors;
 
@@ -58,6 +59,78 @@ fn hadamard<'py>(
     data.to_pyarray(py).reshape(shape)
 }
 
+/// Loads NVRTC (and its builtins) from `dir`.
+#[pyfunction]
+fn _cuda_load_nvrtc(py: Python<'_>, dir: std::path::PathBuf) -> PyResult<()> {
+    crate::cuda::nvrtc::load_library(&dir).map_err(|e| errors::to_py(py, e))
+}
+
+/// Whether NVRTC can be opened.
+#[pyfunction]
+fn _cuda_nvrtc_available() -> bool {
+    crate::cuda::nvrtc::available()
+}
+
+/// NVRTC's version.
+#[pyfunction]
+fn _cuda_nvrtc_version(py: Python<'_>) -> PyResult<(i32, i32)> {
+    crate::cuda::nvrtc::version().map_err(|e| errors::to_py(py, e))
+}
+
+/// Every kernel file compiled for `arch`: `{file: (ptx, log)}`.
+#[pyfunction]
+fn _cuda_compile(
+    py: Python<'_>,
+    arch: &str,
+) -> PyResult<std::collections::BTreeMap<String, (String, String)>> {
+    let res = py.detach(|| {
+        crate::cuda::KERNEL_FILES
+            .iter()
+            .map(|(name, src)| {
+                crate::cuda::nvrtc::compile_one(name, src, arch)
+                    .map(|c| (name.to_string(), (c.ptx, c.log)))
+            })
+            .collect::<crate::Result<_>>()
+    });
+    res.map_err(|e| errors::to_py(py, e))
+}
+
+/// Visible CUDA devices.
+#[pyfunction]
+fn _cuda_device_count() -> usize {
+    crate::cuda::backend::device_count()
+}
+
+/// Hadamard transform of the last axis of a device tensor (`out` preallocated, same shape
+/// and dtype, both contiguous) on the backend of `device`.
+#[pyfunction]
+fn _cuda_hadamard(
+    py: Python<'_>,
+    x: Bound<'_, PyAny>,
+    out: Bound<'_, PyAny>,
+    device: &str,
+    inverse: bool,
+) -> PyResult<()> {
+    let backend = device::backend_for(py, device)?
+        .ok_or_else(|| errors::device_err(py, "device: expected a device, got 'cpu'".into()))?;
+    let name = backend.name();
+    let xt = device::dev_tensor(&x, "x", &name)?;
+    let ot = device::dev_tensor(&out, "out", &name)?;
+    let n = xt.shape[3];
+    if !crate::hadamard::supported(n) {
+        return Err(errors::arg_err(
+            py,
+            format!("x: expected a last axis of 2^k (k <= 15) or 12/20/28 * 2^k, got {n}"),
+        ));
+    }
+    let rows: usize = xt.shape[..3].iter().product();
+    device::use_torch_stream(py, &backend)?;
+    let res = py.detach(|| {
+        device::guard(|| crate::cuda::launch::fwht(&backend, &xt, &ot, rows, n, inverse))
+    });
+    res.map_err(|e| errors::to_py(py, e))
+}
+
 #[pymodule]
 fn _rotatekv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
@@ -66,5 +139,11 @@ fn _rotatekv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<classes::PyPageBuffer>()?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     m.add_function(wrap_pyfunction!(hadamard, m)?)?;
+    m.add_function(wrap_pyfunction!(_cuda_load_nvrtc, m)?)?;
+    m.add_function(wrap_pyfunction!(_cuda_nvrtc_available, m)?)?;
+    m.add_function(wrap_pyfunction!(_cuda_nvrtc_version, m)?)?;
+    m.add_function(wrap_pyfunction!(_cuda_compile, m)?)?;
+    m.add_function(wrap_pyfunction!(_cuda_device_count, m)?)?;
+    m.add_function(wrap_pyfunction!(_cuda_hadamard, m)?)?;
     Ok(())
 }

@@ -798,20 +798,7 @@ impl KVStore {
             }
             None => None,
         };
-        let conv = |p: &Arc<Page>| -> Result<Arc<Page>> {
-            Ok(Arc::new(p.to_device(m.layout(p.bits), backend)?))
-        };
-        let mut layers = Vec::new();
-        for l in &self.layers {
-            let mut seqs = Vec::new();
-            for s in l {
-                let mut n = s.clone();
-                n.pages = s.pages.iter().map(conv).collect::<Result<_>>()?;
-                n.window = s.window.iter().map(conv).collect::<Result<_>>()?;
-                seqs.push(n);
-            }
-            layers.push(seqs);
-        }
+        let layers = self.map_pages(|p| p.to_device(m.layout(p.bits), backend))?;
         Ok(KVStore {
             meta: m.clone(),
             layers,
@@ -829,24 +816,31 @@ impl KVStore {
             return Ok(self.clone());
         }
         let m = &self.meta;
-        let conv =
-            |p: &Arc<Page>| -> Result<Arc<Page>> { Ok(Arc::new(p.to_host(m.layout(p.bits))?)) };
-        let mut layers = Vec::new();
-        for l in &self.layers {
-            let mut seqs = Vec::new();
-            for s in l {
-                let mut n = s.clone();
-                n.pages = s.pages.iter().map(conv).collect::<Result<_>>()?;
-                n.window = s.window.iter().map(conv).collect::<Result<_>>()?;
-                seqs.push(n);
-            }
-            layers.push(seqs);
-        }
+        let layers = self.map_pages(|p| p.to_host(m.layout(p.bits)))?;
         Ok(KVStore {
             meta: m.clone(),
             layers,
             dev: None,
         })
+    }
+
+    /// Every sequence with each page (window included) replaced by `f(page)`.
+    fn map_pages(&self, f: impl Fn(&Page) -> Result<Page>) -> Result<Vec<Vec<Seq>>> {
+        let conv = |p: &Arc<Page>| f(p).map(Arc::new);
+        self.layers
+            .iter()
+            .map(|l| {
+                l.iter()
+                    .map(|s| {
+                        Ok(Seq {
+                            pages: s.pages.iter().map(conv).collect::<Result<_>>()?,
+                            window: s.window.iter().map(conv).collect::<Result<_>>()?,
+                            ..s.clone()
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// Beam-search reorder: sequence `i` becomes old sequence `indices[i]` in every layer.

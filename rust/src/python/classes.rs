@@ -536,6 +536,56 @@ fn cfg_from(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<Quant
     Ok(cfg)
 }
 
+/// Per-token arguments of an append, read and shape-checked: positions, protect, valid,
+/// bits.
+#[allow(clippy::type_complexity)]
+fn token_arrays(
+    py: Python<'_>,
+    [positions, protect, valid, bits]: [&Option<Bound<'_, PyAny>>; 4],
+    batch: usize,
+    t: usize,
+) -> PyResult<(
+    Option<Vec<i64>>,
+    Option<Vec<bool>>,
+    Option<Vec<bool>>,
+    Option<Vec<u8>>,
+)> {
+    let pos = match positions {
+        None => None,
+        Some(p) => {
+            let (v, shape) = int_array(py, p, "positions")?;
+            check_2d(py, "positions", &shape, batch, t, true)?;
+            Some(v)
+        }
+    };
+    let mask = |o: &Option<Bound<'_, PyAny>>, name: &str| -> PyResult<Option<Vec<bool>>> {
+        match o {
+            None => Ok(None),
+            Some(p) => {
+                let (v, shape) = bool_array(py, p, name)?;
+                check_2d(py, name, &shape, batch, t, false)?;
+                Ok(Some(v))
+            }
+        }
+    };
+    let (prot, val) = (mask(protect, "protect")?, mask(valid, "valid")?);
+    let bts = match bits {
+        None => None,
+        Some(p) => {
+            let (v, shape) = int_array(py, p, "bits")?;
+            check_2d(py, "bits", &shape, batch, t, false)?;
+            if let Some(x) = v.iter().find(|x| ![2, 3, 4, 8, 16].contains(*x)) {
+                return Err(arg_err(
+                    py,
+                    format!("bits: expected values in {{2, 3, 4, 8, 16}}, got {x}"),
+                ));
+            }
+            Some(v.iter().map(|&x| x as u8).collect())
+        }
+    };
+    Ok((pos, prot, val, bts))
+}
+
 /// A torch tensor moved to the CPU (small per-token arguments of device calls), or `o`.
 fn host<'py>(o: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
     let on_device = o.hasattr("is_cuda")? && o.getattr("is_cuda")?.extract::<bool>()?;
@@ -566,44 +616,8 @@ impl PyStore {
             host_opt(valid)?,
             host_opt(bits)?,
         );
-        let pos = match &positions {
-            None => None,
-            Some(p) => {
-                let (v, shape) = int_array(py, p, "positions")?;
-                check_2d(py, "positions", &shape, batch, t, true)?;
-                Some(v)
-            }
-        };
-        let prot = match &protect {
-            None => None,
-            Some(p) => {
-                let (v, shape) = bool_array(py, p, "protect")?;
-                check_2d(py, "protect", &shape, batch, t, false)?;
-                Some(v)
-            }
-        };
-        let val = match &valid {
-            None => None,
-            Some(p) => {
-                let (v, shape) = bool_array(py, p, "valid")?;
-                check_2d(py, "valid", &shape, batch, t, false)?;
-                Some(v)
-            }
-        };
-        let bts = match &bits {
-            None => None,
-            Some(p) => {
-                let (v, shape) = int_array(py, p, "bits")?;
-                check_2d(py, "bits", &shape, batch, t, false)?;
-                if let Some(x) = v.iter().find(|x| ![2, 3, 4, 8, 16].contains(*x)) {
-                    return Err(arg_err(
-                        py,
-                        format!("bits: expected values in {{2, 3, 4, 8, 16}}, got {x}"),
-                    ));
-                }
-                Some(v.iter().map(|&x| x as u8).collect::<Vec<u8>>())
-            }
-        };
+        let (pos, prot, val, bts) =
+            token_arrays(py, [&positions, &protect, &valid, &bits], batch, t)?;
         let (fp, default_bits) = {
             let s = self.read();
             (s.meta.cfg.fp_format.as_str(), s.meta.cfg.bits)
@@ -882,44 +896,8 @@ impl PyStore {
         let kv = kb.view4(py, "k", &want)?;
         let vv = vb.view4(py, "v", &want)?;
         let t = kv.shape[2];
-        let pos = match &positions {
-            None => None,
-            Some(p) => {
-                let (v, shape) = int_array(py, p, "positions")?;
-                check_2d(py, "positions", &shape, batch, t, true)?;
-                Some(v)
-            }
-        };
-        let prot = match &protect {
-            None => None,
-            Some(p) => {
-                let (v, shape) = bool_array(py, p, "protect")?;
-                check_2d(py, "protect", &shape, batch, t, false)?;
-                Some(v)
-            }
-        };
-        let val = match &valid {
-            None => None,
-            Some(p) => {
-                let (v, shape) = bool_array(py, p, "valid")?;
-                check_2d(py, "valid", &shape, batch, t, false)?;
-                Some(v)
-            }
-        };
-        let bts = match &bits {
-            None => None,
-            Some(p) => {
-                let (v, shape) = int_array(py, p, "bits")?;
-                check_2d(py, "bits", &shape, batch, t, false)?;
-                if let Some(x) = v.iter().find(|x| ![2, 3, 4, 8, 16].contains(*x)) {
-                    return Err(arg_err(
-                        py,
-                        format!("bits: expected values in {{2, 3, 4, 8, 16}}, got {x}"),
-                    ));
-                }
-                Some(v.iter().map(|&x| x as u8).collect::<Vec<u8>>())
-            }
-        };
+        let (pos, prot, val, bts) =
+            token_arrays(py, [&positions, &protect, &valid, &bits], batch, t)?;
         let args = AppendArgs {
             k: kv,
             v: vv,

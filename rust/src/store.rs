@@ -716,8 +716,8 @@ impl KVStore {
             .par_iter_mut()
             .enumerate()
             .try_for_each(|(b, seq)| {
+                let mut row = vec![0f32; meta.d];
                 let stage = |st: &mut Staged, ti: usize| {
-                    let mut row = vec![0f32; meta.d];
                     for h in 0..meta.heads {
                         a.k.read_row(b, h, ti, &mut row);
                         st.k.extend_from_slice(&row);
@@ -1274,7 +1274,7 @@ fn append_seq(
     b: usize,
     t: usize,
     a: &TokenArgs,
-    stage: impl Fn(&mut Staged, usize),
+    mut stage: impl FnMut(&mut Staged, usize),
     ops: &mut DevOps,
 ) -> Result<()> {
     let hd = m.heads * m.d;

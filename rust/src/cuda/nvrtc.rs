@@ -177,6 +177,12 @@ pub fn cache_dir() -> Option<PathBuf> {
 
 /// Every kernel file compiled for `arch`, from the disk cache when a matching entry exists.
 pub fn compile_all(arch: &str) -> Result<BTreeMap<String, Compiled>> {
+    compile_all_in(arch, cache_dir().as_deref())
+}
+
+/// [`compile_all`] with the cache in `dir` (`None`: no cache). Entries read from the cache
+/// have an empty log.
+pub fn compile_all_in(arch: &str, dir: Option<&Path>) -> Result<BTreeMap<String, Compiled>> {
     check_arch(arch)?;
     let (ma, mi) = version()?;
     let ver = format!("{ma}.{mi}");
@@ -188,7 +194,7 @@ pub fn compile_all(arch: &str) -> Result<BTreeMap<String, Compiled>> {
             ver.as_bytes(),
             OPTIONS.join(" ").as_bytes(),
         ]);
-        let path = cache_dir().map(|d| d.join(format!("{name}-{arch}-{key:016x}.ptx")));
+        let path = dir.map(|d| d.join(format!("{name}-{arch}-{key:016x}.ptx")));
         if let Some(ptx) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
             out.insert(
                 name.to_string(),
@@ -210,4 +216,52 @@ pub fn compile_all(arch: &str) -> Result<BTreeMap<String, Compiled>> {
         out.insert(name.to_string(), c);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// torch's NVRTC in the repository's virtualenv (`make setup`), if there is one.
+    fn venv_nvrtc() -> Option<PathBuf> {
+        let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+        std::fs::read_dir(venv)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("site-packages/nvidia/cu13/lib"))
+            .find(|p| p.is_dir())
+    }
+
+    #[test]
+    fn compiled_ptx_is_cached_by_source_arch_and_version() {
+        let Some(dir) = venv_nvrtc() else {
+            eprintln!("skipped: no NVRTC in .venv (make setup installs torch's)");
+            return;
+        };
+        load_library(&dir).unwrap();
+        let cache = std::env::temp_dir().join(format!("rkv-nvrtc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&cache);
+        let first = compile_all_in("sm_80", Some(&cache)).unwrap();
+        assert_eq!(first.len(), KERNEL_FILES.len());
+        assert!(first.values().all(|c| c.log.contains("ptxas info")));
+        let files = std::fs::read_dir(&cache).unwrap().count();
+        assert_eq!(files, KERNEL_FILES.len());
+        // The second call reads the cache: same PTX, no compiler log.
+        let second = compile_all_in("sm_80", Some(&cache)).unwrap();
+        for (name, c) in &second {
+            assert_eq!(c.ptx, first[name].ptx);
+            assert!(c.log.is_empty());
+        }
+        // Another architecture is another entry.
+        compile_all_in("sm_90", Some(&cache)).unwrap();
+        assert_eq!(
+            std::fs::read_dir(&cache).unwrap().count(),
+            2 * KERNEL_FILES.len()
+        );
+        assert!(matches!(
+            compile_all_in("90", Some(&cache)),
+            Err(Error::Value { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&cache);
+    }
 }

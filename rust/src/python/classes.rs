@@ -644,6 +644,15 @@ impl PyStore {
         rk(py, res)
     }
 
+    /// For a device store, makes later device work run on torch's current stream.
+    fn on_torch_stream(&self, py: Python<'_>) -> PyResult<()> {
+        let b = self.read().dev.as_ref().map(|d| d.backend.clone());
+        match b {
+            Some(b) => use_torch_stream(py, &b),
+            None => Ok(()),
+        }
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, KVStore> {
         // A panic while holding the lock is impossible by construction; recover anyway.
         self.inner.read().unwrap_or_else(|e| e.into_inner())
@@ -841,6 +850,7 @@ impl PyStore {
         let mut store = store;
         rk(py, store.set_max_tokens(max_tokens_arg(py, max_tokens)?))?;
         if let Some(b) = backend {
+            use_torch_stream(py, &b)?;
             store = rk(py, py.detach(|| guard(|| store.to_device(&b))))?;
         }
         Ok(PyStore {
@@ -1049,6 +1059,7 @@ impl PyStore {
 
     /// Beam-search reorder: sequence i becomes old sequence indices[i].
     fn reorder(&self, py: Python<'_>, indices: Bound<'_, PyAny>) -> PyResult<()> {
+        self.on_torch_stream(py)?;
         let (v, shape) = int_array(py, &host(&indices)?, "indices")?;
         if shape.len() != 1 {
             return Err(shape_err(
@@ -1061,6 +1072,7 @@ impl PyStore {
 
     /// Drops every token at position >= length (an int, or one per sequence).
     fn truncate(&self, py: Python<'_>, length: Bound<'_, PyAny>) -> PyResult<()> {
+        self.on_torch_stream(py)?;
         let lens = if let Ok(x) = length.extract::<i64>() {
             vec![x]
         } else {
@@ -1082,6 +1094,7 @@ impl PyStore {
         #[pyo3(from_py_with = layer_arg)] layer: i64,
         #[pyo3(from_py_with = seq_arg)] seq: i64,
     ) -> PyResult<Bound<'py, PyTuple>> {
+        self.on_torch_stream(py)?;
         let s = self.read();
         let l = rk(py, s.check_layer(layer))?;
         if seq < 0 || seq as usize >= s.meta.batch {
@@ -1113,6 +1126,7 @@ impl PyStore {
         #[pyo3(from_py_with = layer_arg)] layer: i64,
         #[pyo3(from_py_with = seq_arg)] seq: i64,
     ) -> PyResult<Bound<'py, PyList>> {
+        self.on_torch_stream(py)?;
         let s = self.read();
         let l = rk(py, s.check_layer(layer))?;
         if seq < 0 || seq as usize >= s.meta.batch {
@@ -1155,6 +1169,7 @@ impl PyStore {
 
     /// Writes the whole store (safetensors, checksummed, atomically).
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        self.on_torch_stream(py)?;
         let res = py.detach(|| {
             guard(|| {
                 let s = self.read();
@@ -1172,6 +1187,9 @@ impl PyStore {
     #[pyo3(signature = (path, device="cpu"))]
     fn load(py: Python<'_>, path: PathBuf, device: &str) -> PyResult<Self> {
         let backend = backend_for(py, device)?;
+        if let Some(b) = &backend {
+            use_torch_stream(py, b)?;
+        }
         let res = py.detach(|| {
             guard(|| {
                 let s = crate::persist::load(&path)?;
@@ -1188,7 +1206,11 @@ impl PyStore {
 
     /// A copy of this store on `device` ('cpu', 'cuda', 'cuda:N', 'emu').
     fn to(&self, py: Python<'_>, device: &str) -> PyResult<Self> {
+        self.on_torch_stream(py)?;
         let backend = backend_for(py, device)?;
+        if let Some(b) = &backend {
+            use_torch_stream(py, b)?;
+        }
         let res = py.detach(|| {
             guard(|| {
                 let s = self.read();

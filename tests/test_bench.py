@@ -73,3 +73,31 @@ def test_short_run_on_the_default_model(tmp_path):
     assert (tmp_path / "e2e_memory.png").stat().st_size > 0
     assert (tmp_path / "e2e_decode.png").stat().st_size > 0
     assert "| fp16 | 96 | 2 |" in res.stdout
+
+
+def test_random_config_runs_through_the_device_path(tmp_path):
+    # A random-weight model from a configuration (what the GPU machine uses), with the
+    # rotatekv cache on the emulated device and the fp16 baseline beside it.
+    cfg = dict(
+        model_type="llama",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    base = dict(context=96, batch=2, new_tokens=4, random_config=str(path), dtype="float32")
+    fp = bench.run_one({**base, "cache": "fp16"})
+    rk = bench.run_one({**base, "cache": "rotatekv2", "device": "emu"})
+    for r in (fp, rk):
+        assert r["batch"] == 2 and r["context"] == 96 and r["decode_tok_s"] > 0
+    # 2 layers x (keys, values) x 2 sequences x 2 KV heads x 16 channels x 99 tokens (the
+    # prompt and all new tokens but the last), fp32.
+    assert fp["kv_bytes"] == 2 * 2 * 2 * 2 * 16 * 99 * 4
+    assert 0 < rk["kv_bytes"] < fp["kv_bytes"]
+    with pytest.raises(FileNotFoundError):
+        bench.random_model(str(tmp_path / "missing.json"), torch.float32, "cpu")

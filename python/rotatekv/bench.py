@@ -19,6 +19,13 @@ forward) and ``decode_tok_s`` (new tokens of the whole batch per second after th
 Every cache prefills in chunks of ``--prefill-chunk`` tokens (transformers'
 ``prefill_chunk_size``), so activations stay small beside the cache.
 
+On a GPU (``--device cuda``) the model, the prompt and every cache live on the device;
+``peak_bytes`` is then ``torch.cuda.max_memory_allocated()`` during generation plus, for
+rotatekv, the store's page bytes (pages are allocated outside torch's allocator and are not
+released during a generation), ``base_bytes`` what torch held before it. ``--random-config``
+(``llama3-8b``, or a transformers ``config.json``) builds a random-weight model from a real
+configuration, for machines that cannot receive model files; prompts are then random tokens.
+
 ``max_batch``: the largest batch whose generation stays within ``--memory-budget``. Peak
 memory grows linearly in the batch (``base + B * per_seq``); ``per_seq`` comes from the runs
 above, the budget gives the candidate, and candidates are run and stepped down until one fits
@@ -41,6 +48,44 @@ import torch
 
 CACHES = ("fp16", "quanto2", "quanto4", "hqq2", "hqq4", "rotatekv2", "rotatekv4")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Real configurations for random-weight runs (no download): Llama-3-8B's shape.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "llama3-8b": {
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+    }
+}
+
+
+def random_model(name: str, dtype: torch.dtype, device: str) -> Any:
+    """A random-weight causal LM built on ``device`` from a named or JSON configuration."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if name in CONFIGS:
+        d = dict(CONFIGS[name])
+    else:
+        with open(name) as f:
+            d = json.load(f)
+    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
 
 
 def parse_bytes(s: str) -> int:
@@ -136,18 +181,31 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     kind, ctx, b, n = spec["cache"], spec["context"], spec["batch"], spec["new_tokens"]
-    model, tok = load(spec.get("model"), dtype=DTYPES[spec.get("dtype", "bfloat16")])
-    stream = token_stream(tok, load_texts(spec.get("text")))
-    if stream.numel() < ctx + b:
-        reps = (ctx + b) // stream.numel() + 1
-        stream = stream.repeat(reps)
-    # Each row its own stretch of text (offsets spread over the stream).
-    step = max(1, (stream.numel() - ctx) // max(b, 1))
-    ids = torch.stack([stream[i * step : i * step + ctx] for i in range(b)])
+    device = spec.get("device") or "cpu"
+    # "emu" runs the CUDA kernels' host build on a CPU model (a test of the device path).
+    where = "cpu" if device == "emu" else device
+    gpu = where.startswith("cuda")
+    dtype = DTYPES[spec.get("dtype", "bfloat16")]
+    if spec.get("random_config"):
+        model = random_model(spec["random_config"], dtype, where)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(3, model.config.vocab_size, (b, ctx), generator=g)
+    else:
+        model, tok = load(spec.get("model"), dtype=dtype)
+        model.to(where)
+        stream = token_stream(tok, load_texts(spec.get("text")))
+        if stream.numel() < ctx + b:
+            reps = (ctx + b) // stream.numel() + 1
+            stream = stream.repeat(reps)
+        # Each row its own stretch of text (offsets spread over the stream).
+        step = max(1, (stream.numel() - ctx) // max(b, 1))
+        ids = torch.stack([stream[i * step : i * step + ctx] for i in range(b)])
+    ids = ids.to(where)
     mask = torch.ones_like(ids)
     if kind.startswith("rotatekv"):
         bits = int(kind[len("rotatekv") :])
-        rk_hf.enable(model, None, QuantConfig(bits=bits, residual=32))
+        store_device = "emu" if device == "emu" else None  # None: the model's device
+        rk_hf.enable(model, None, QuantConfig(bits=bits, residual=32), device=store_device)
         cache = rk_hf.new_cache(model)
     else:
         cache = _make_cache(kind, model)
@@ -157,6 +215,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             self.t: list[float] = []
 
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if gpu:
+                torch.cuda.synchronize()
             self.t.append(time.perf_counter())
             return scores
 
@@ -169,8 +229,14 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             ids[:1, :16], attention_mask=mask[:1, :16], max_new_tokens=2, do_sample=False, **kw
         )
     del warm_cache
-    base = _rss()
-    exact_peak = _reset_peak()
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        exact_peak = True
+    else:
+        base = _rss()
+        exact_peak = _reset_peak()
     clock = Clock()
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -184,7 +250,12 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             past_key_values=cache,
             prefill_chunk_size=spec.get("prefill_chunk") or None,
         )
-    peak = _peak()
+    if gpu:
+        peak = torch.cuda.max_memory_allocated()
+        if kind.startswith("rotatekv"):
+            peak += _cache_bytes(cache)  # pages live outside torch's allocator
+    else:
+        peak = _peak()
     prefill = clock.t[0] - t0
     decode = (clock.t[-1] - clock.t[0]) if len(clock.t) > 1 else float("nan")
     bits = {"fp16": 16.0}.get(kind, float("".join(c for c in kind if c.isdigit()) or "nan"))
@@ -255,6 +326,8 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         "dtype": args.dtype,
         "threads": args.threads,
         "prefill_chunk": args.prefill_chunk,
+        "device": args.device,
+        "random_config": args.random_config,
     }
     unavailable = {c: why for c in caches if (why := available(c)) is not None}
     for c, why in unavailable.items():
@@ -294,7 +367,12 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
         )
     measured = {c for c, _, _ in runs}
     report: dict[str, Any] = {
-        "model": args.model or "SmolLM2-135M-Instruct (packaged)",
+        "model": (
+            f"random weights, {args.random_config} configuration"
+            if args.random_config
+            else args.model or "SmolLM2-135M-Instruct (packaged)"
+        ),
+        "device": args.device,
         "dtype": args.dtype,
         "machine": machine(),
         "results": results,
@@ -374,7 +452,8 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}"
 
 
 def table(report: dict[str, Any]) -> str:
@@ -460,6 +539,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child run")
     p.add_argument("--json", default=None)
     p.add_argument("--plots", default=None, help="directory for PNG plots")
+    p.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N (emu: the kernels' host build)"
+    )
+    p.add_argument(
+        "--random-config",
+        default=None,
+        help=f"random-weight model from a configuration: {sorted(CONFIGS)} or a config.json",
+    )
 
 
 def main_args(args: argparse.Namespace) -> int:

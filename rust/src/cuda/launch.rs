@@ -37,7 +37,11 @@ pub fn fwht(
     // transformed in a global scratch row per block.
     let big = n * 4 > SMEM_DEFAULT;
     // Large rows need a scratch row per block: keep the scratch within 256 MiB.
-    let most = if big { (256 << 20) / (n * 4) } else { usize::MAX };
+    let most = if big {
+        (256 << 20) / (n * 4)
+    } else {
+        usize::MAX
+    };
     let grid = rows.min(8 * b.sm_count().max(1)).min(most).max(1);
     let scratch = if big { b.temp(grid * n * 4)? } else { 0 };
     let p = RkvFwhtParams {

@@ -271,3 +271,49 @@ def test_layout_choice_follows_the_keys() -> None:
     data = C.collect(m, ids(3, 64, seed=4), n_queries=16, progress=False)
     cal = C.fit(data, rh.model_spec(m), bits=2, clip="fixed", key_layout="auto", progress=False)
     assert cal.key_layouts == ["per_token", "per_channel"], cal.report
+
+
+def test_wider_layers_reach_the_stores_and_the_file(tmp_path, llama_data) -> None:
+    """Layers calibration stores at a wider width: their plan entries come from the wider
+    fit, their tokens are appended at that width, and the choice survives save/load."""
+    m, data = llama_data
+    spec = rh.model_spec(m)
+    c2 = C.fit(data, spec, bits=2, clip="fixed", progress=False)
+    c3 = C.fit(data, spec, bits=3, clip="search", progress=False)
+    mixed = C.with_layer_bits(c2, c3, [1])
+    assert mixed.layer_bits == [2, 3]
+    assert np.array_equal(np.array(mixed.plan.key_perm)[1], np.array(c3.plan.key_perm)[1])
+    assert np.array_equal(np.array(mixed.plan.key_perm)[0], np.array(c2.plan.key_perm)[0])
+    assert mixed.plan.key_clip == [c2.plan.key_clip[0], c3.plan.key_clip[1]]
+    mixed.save(tmp_path / "m.safetensors")
+    back = C.Calibration.load(tmp_path / "m.safetensors", m)
+    assert back.layer_bits == [2, 3]
+    x = ids(1, 70)
+    with torch.no_grad():
+        rh.enable(m, back, QuantConfig(bits=2))
+        cache = rh.new_cache(m)
+        m(input_ids=x, cache=cache)
+        rh.disable(m)
+    store, _ = cache.store_of(0)
+    widths = {(i, p.bits) for i in range(2) for p in store.page_buffers(i, 0)}
+    assert widths == {(0, 2), (1, 3)}
+    # A damaged width is refused on load.
+    mixed.layer_bits = [2, 5]
+    mixed.save(tmp_path / "bad.safetensors")
+    with pytest.raises(rotatekv.FormatError, match="layer bits"):
+        C.Calibration.load(tmp_path / "bad.safetensors")
+    with pytest.raises(rotatekv.ArgumentError, match="layers"):
+        C.with_layer_bits(c2, c3, [7])
+
+
+def test_layer_ranking_measures_each_layer_alone(llama_data) -> None:
+    m, data = llama_data
+    spec = rh.model_spec(m)
+    c2 = C.fit(data, spec, bits=2, clip="fixed", progress=False)
+    c4 = C.fit(data, spec, bits=4, clip="fixed", progress=False)
+    ranked = C.rank_layers(m, c2, c4, ids(2, 48, seed=5), QuantConfig(bits=2), progress=False)
+    assert sorted(i for i, _ in ranked) == [0, 1]
+    gains = [g for _, g in ranked]
+    assert gains == sorted(gains, reverse=True) and all(math.isfinite(g) for g in gains)
+    # 4-bit codes in a layer bring the model closer to its 16-bit self on these windows.
+    assert max(gains) > 0

@@ -64,6 +64,8 @@ class Calibration:
     report: list[dict[str, Any]] = field(default_factory=list)
     # Per layer "per_token" or "per_channel"; None: the QuantConfig's layout everywhere.
     key_layouts: list[str] | None = None
+    # Per layer code width (2, 3, 4 or 8); None: the QuantConfig's bits everywhere.
+    layer_bits: list[int] | None = None
 
     def protect(self, layer: int, maxabs: torch.Tensor) -> torch.Tensor | None:
         """Sink mask of tokens with per-token ``maxabs`` at ``layer``'s input."""
@@ -77,6 +79,7 @@ class Calibration:
             "settings": self.settings,
             "report": self.report,
             "key_layouts": self.key_layouts,
+            "layer_bits": self.layer_bits,
         }
         self.plan.save(path, metadata={META_KEY: json.dumps(meta)})
 
@@ -108,7 +111,14 @@ class Calibration:
             or any(x not in ("per_token", "per_channel") for x in layouts)
         ):
             raise FormatError(f"path: damaged key layouts in {os.fspath(path)!r}")
-        return Calibration(plan, th, m.get("settings", {}), m.get("report", []), layouts)
+        lbits = m.get("layer_bits")
+        if lbits is not None and (
+            not isinstance(lbits, list)
+            or len(lbits) != plan.num_layers
+            or any(x not in (2, 3, 4, 8) for x in lbits)
+        ):
+            raise FormatError(f"path: damaged layer bits in {os.fspath(path)!r}")
+        return Calibration(plan, th, m.get("settings", {}), m.get("report", []), layouts, lbits)
 
 
 # --- collection --------------------------------------------------------------------------
@@ -450,6 +460,77 @@ def calibrate(
         )
     data = collect(model, windows, n_queries=n_queries, progress=progress)
     return fit(data, model_spec(model), progress=progress, **fit_args)
+
+
+def with_layer_bits(cal: Calibration, wider: Calibration, layers: Sequence[int]) -> Calibration:
+    """``cal`` with ``layers`` stored at ``wider``'s width, using ``wider``'s permutations and
+    clips there (fitted for that width); the sink rule and key layouts stay ``cal``'s."""
+    lo, hi = int(cal.settings["bits"]), int(wider.settings["bits"])
+    p, w = cal.plan, wider.plan
+    if (p.num_layers, p.num_kv_heads, p.head_dim, p.mode, p.group_heads) != (
+        w.num_layers,
+        w.num_kv_heads,
+        w.head_dim,
+        w.mode,
+        w.group_heads,
+    ):
+        raise ArgumentError("wider: expected a calibration of the same model, mode and grouping")
+    chosen = set(layers)
+    if any(not 0 <= i < p.num_layers for i in chosen):
+        raise ArgumentError(f"layers: expected indices below {p.num_layers}, got {sorted(chosen)}")
+    perm = np.array(p.key_perm).copy()
+    kc, vc = list(p.key_clip), list(p.value_clip)
+    wp = np.array(w.key_perm)
+    for i in chosen:
+        perm[i] = wp[i]
+        kc[i], vc[i] = w.key_clip[i], w.value_clip[i]
+    plan = RotationPlan(
+        p.num_layers,
+        p.num_kv_heads,
+        p.head_dim,
+        mode=p.mode,
+        group_heads=p.group_heads,
+        rotate_values=p.rotate_values,
+        key_perm=perm.astype(np.int64),
+        key_clip=kc,
+        value_clip=vc,
+    )
+    bits = [hi if i in chosen else lo for i in range(p.num_layers)]
+    settings = {**cal.settings, "wider_layers": sorted(chosen), "wider_bits": hi}
+    return Calibration(plan, cal.sink_thresholds, settings, cal.report, cal.key_layouts, bits)
+
+
+def rank_layers(
+    model: torch.nn.Module,
+    cal: Calibration,
+    wider: Calibration,
+    windows: torch.Tensor,
+    config: QuantConfig,
+    progress: bool = True,
+) -> list[tuple[int, float]]:
+    """Layers ranked by how much storing that layer alone at ``wider``'s width lowers the
+    negative log-likelihood of ``windows`` (one forward each, all tokens attending to the
+    quantized cache): ``[(layer, gain in nats per token)]``, largest gain first."""
+    from . import hf as rh
+
+    def nll(c: Calibration) -> float:
+        rh.enable(model, c, config)
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=windows, cache=rh.new_cache(model)).logits
+        finally:
+            rh.disable(model)
+        lp = torch.log_softmax(logits[:, :-1].float(), -1)
+        return -float(lp.gather(-1, windows[:, 1:, None]).mean())
+
+    base = nll(with_layer_bits(cal, wider, []))
+    it: Any = range(cal.plan.num_layers)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="ranking layers", unit="layer")
+    gains = [(i, base - nll(with_layer_bits(cal, wider, [i]))) for i in it]
+    return sorted(gains, key=lambda g: -g[1])
 
 
 def describe(cal: Calibration) -> str:

@@ -196,6 +196,7 @@ class RotateKVCache(Cache):
         sink_thresholds: list[float] | None = None,
         key_layouts: list[str] | None = None,
         device: str | None = None,
+        layer_bits: list[int] | None = None,
     ) -> None:
         # Where the stores live; None: where the model's keys are (a CUDA model gets CUDA
         # stores). "emu" runs the CUDA kernels' host build, for tests without a GPU.
@@ -216,6 +217,16 @@ class RotateKVCache(Cache):
                 f"got {len(key_layouts)}"
             )
         layouts = key_layouts or [config.key_layout] * self.spec.num_layers
+        if layer_bits is not None and (
+            len(layer_bits) != self.spec.num_layers
+            or any(b not in (2, 3, 4, 8, 16) for b in layer_bits)
+        ):
+            raise ArgumentError(
+                f"layer_bits: expected {self.spec.num_layers} widths in (2, 3, 4, 8, 16), "
+                f"got {layer_bits!r}"
+            )
+        # Layers stored at another width than the config's (calibration's wider layers).
+        self.layer_bits = layer_bits
         # Largest |hidden state| per token at each layer's input, set by the layer pre-hooks
         # that enable() installs when a sink rule is given.
         self.maxabs: dict[int, torch.Tensor] = {}
@@ -391,7 +402,11 @@ def _attention(
     ma = h.cache.maxabs.pop(h.layer, None)
     if th is not None and ma is not None and th[h.layer] != float("inf"):
         protect = (ma[:, -t:] > th[h.layer]).to("cpu")
-    store.append(layer, h.k, h.v, positions=h.positions, protect=protect, valid=valid)
+    bits = None
+    lb = h.cache.layer_bits
+    if lb is not None and lb[h.layer] != h.cache.config.bits:
+        bits = torch.full((b, t), lb[h.layer], dtype=torch.int64)
+    store.append(layer, h.k, h.v, positions=h.positions, protect=protect, valid=valid, bits=bits)
     # Counted only once stored, so a refused append leaves the cache as it was.
     h.cache.layers[h.layer].slots += t
     tq = query.shape[2]
@@ -419,6 +434,7 @@ class _State:
     config: QuantConfig
     sink_thresholds: list[float] | None
     key_layouts: list[str] | None
+    layer_bits: list[int] | None
     previous_attn: str
     forward: Callable[..., Any]
     generate: Callable[..., Any]
@@ -452,7 +468,13 @@ def new_cache(model: torch.nn.Module) -> RotateKVCache:
     if st is None:
         raise ArgumentError("model: expected a model prepared by rotatekv.hf.enable")
     return RotateKVCache(
-        model, st.plan, st.config, st.sink_thresholds, st.key_layouts, device=st.device
+        model,
+        st.plan,
+        st.config,
+        st.sink_thresholds,
+        st.key_layouts,
+        device=st.device,
+        layer_bits=st.layer_bits,
     )
 
 
@@ -477,10 +499,11 @@ def enable(
     again replaces the settings; :func:`disable` undoes it.
     """
     spec = model_spec(model)
-    sinks = layouts = None
+    sinks = layouts = layer_bits = None
     if plan is not None and hasattr(plan, "sink_thresholds") and hasattr(plan, "plan"):
         sinks = list(plan.sink_thresholds)
         layouts = getattr(plan, "key_layouts", None)
+        layer_bits = getattr(plan, "layer_bits", None)
         plan = plan.plan
     if plan is None:
         plan = RotationPlan.hadamard(spec.num_layers, spec.num_kv_heads, spec.head_dim)
@@ -508,6 +531,7 @@ def enable(
     old = getattr(model, _STATE_ATTR, None)
     if old is not None:
         old.plan, old.config, old.sink_thresholds, old.key_layouts = plan, config, sinks, layouts
+        old.layer_bits = layer_bits
         old.device = device
         return model
     prev = model.config._attn_implementation
@@ -515,7 +539,9 @@ def enable(
         layer.register_forward_pre_hook(_sink_hook(i), with_kwargs=True)
         for i, layer in enumerate(layers)
     ]
-    st = _State(plan, config, sinks, layouts, prev, model.forward, model.generate, hooks, device)
+    st = _State(
+        plan, config, sinks, layouts, layer_bits, prev, model.forward, model.generate, hooks, device
+    )
 
     @functools.wraps(st.forward)
     def forward(*args: Any, **kwargs: Any) -> Any:

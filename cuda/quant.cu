@@ -11,6 +11,19 @@ RKV_DEV void rkv_warp_minmax(float* mn, float* mx) {
   }
 }
 
+// One warp quantizes the group x[0..grp): scale and zero (f16 bits) into *s, *z; lane-strided
+// codes are handed to `put(c, code)`.
+template <class Put>
+RKV_DEV void rkv_warp_group(const float* x, i32 grp, i32 lane, i32 bits, float clip, u16* s,
+                            u16* z, Put put) {
+  float mn = RKV_INF, mx = -RKV_INF;
+  for (i32 c = lane; c < grp; c += 32) mn = fminf(mn, x[c]), mx = fmaxf(mx, x[c]);
+  rkv_warp_minmax(&mn, &mx);
+  rkv_group_params(mn, mx, bits, clip, s, z);
+  float sf = rkv_f16_to_f32(*s), zf = rkv_f16_to_f32(*z);
+  for (i32 c = lane; c < grp; c += 32) put(c, rkv_code_of(x[c], sf, zf, bits));
+}
+
 // Byte `j` of the packed row of `n` codes (rust/src/quant.rs pack_row).
 RKV_DEV u8 rkv_pack_byte(const u8* codes, i32 bits, i32 n, i32 j) {
   switch (bits) {
@@ -96,21 +109,15 @@ RKV_GLOBAL void rkv_append(RkvAppendParams p) {
     // One warp per (head, key group of this token).
     for (i32 w = warp; w < gh * ng; w += RKV_THREADS / 32) {
       i32 hl = w / ng, gi = w % ng, h = g * gh + hl;
-      const float* x = kst + hl * d + gi * grp;
-      float mn = RKV_INF, mx = -RKV_INF;
-      for (i32 c = lane; c < grp; c += 32) mn = fminf(mn, x[c]), mx = fmaxf(mx, x[c]);
-      rkv_warp_minmax(&mn, &mx);
-      u16 s, z;
-      rkv_group_params(mn, mx, bits, p.key_clip, &s, &z);
       u8* hb = page + L.head_off + (i64)h * L.head_bytes;
+      u16 s, z;
+      rkv_warp_group(kst + hl * d + gi * grp, grp, lane, bits, p.key_clip, &s, &z,
+                     [&](i32 c, u32 code) {
+                       rkv_set_code(hb + (gi * grp + c) * L.k_row, bits, L.cap, dst.slot, code);
+                     });
       if (lane == 0) {
         reinterpret_cast<u16*>(hb + L.k_scale)[gi * L.cap + dst.slot] = s;
         reinterpret_cast<u16*>(hb + L.k_zero)[gi * L.cap + dst.slot] = z;
-      }
-      float sf = rkv_f16_to_f32(s), zf = rkv_f16_to_f32(z);
-      for (i32 c = lane; c < grp; c += 32) {
-        i32 ch = gi * grp + c;
-        rkv_set_code(hb + ch * L.k_row, bits, L.cap, dst.slot, rkv_code_of(x[c], sf, zf, bits));
       }
     }
   }
@@ -118,19 +125,15 @@ RKV_GLOBAL void rkv_append(RkvAppendParams p) {
   // Values: per-token groups, codes gathered per head, then whole packed bytes written.
   for (i32 w = warp; w < gh * ng; w += RKV_THREADS / 32) {
     i32 hl = w / ng, gi = w % ng, h = g * gh + hl;
-    const float* x = vx + hl * d + gi * grp;
-    float mn = RKV_INF, mx = -RKV_INF;
-    for (i32 c = lane; c < grp; c += 32) mn = fminf(mn, x[c]), mx = fmaxf(mx, x[c]);
-    rkv_warp_minmax(&mn, &mx);
-    u16 s, z;
-    rkv_group_params(mn, mx, bits, p.value_clip, &s, &z);
     u8* hb = page + L.head_off + (i64)h * L.head_bytes;
+    u16 s, z;
+    u8* out = codes + hl * d + gi * grp;
+    rkv_warp_group(vx + hl * d + gi * grp, grp, lane, bits, p.value_clip, &s, &z,
+                   [&](i32 c, u32 code) { out[c] = (u8)code; });
     if (lane == 0) {
       reinterpret_cast<u16*>(hb + L.v_scale)[dst.slot * ng + gi] = s;
       reinterpret_cast<u16*>(hb + L.v_zero)[dst.slot * ng + gi] = z;
     }
-    float sf = rkv_f16_to_f32(s), zf = rkv_f16_to_f32(z);
-    for (i32 c = lane; c < grp; c += 32) codes[hl * d + gi * grp + c] = (u8)rkv_code_of(x[c], sf, zf, bits);
   }
   __syncthreads();
   for (i32 w = tid; w < gh * L.v_row; w += RKV_THREADS) {

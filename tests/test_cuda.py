@@ -233,23 +233,11 @@ def test_device_store_bad_inputs_leave_it_unchanged() -> None:
 
 
 def test_transformers_generation_through_the_emulated_device_store() -> None:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     import rotatekv.hf as rh
+    from test_hf import tiny
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    torch.manual_seed(0)
-    m = transformers.LlamaForCausalLM(cfg).eval()
+    m = tiny("llama")
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -335,23 +323,11 @@ def test_cuda_hadamard_is_the_cpu_transform(n: int) -> None:
 @pytest.mark.cuda
 @needs_gpu
 def test_transformers_generation_on_a_cuda_model() -> None:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     import rotatekv.hf as rh
+    from test_hf import tiny
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    torch.manual_seed(0)
-    m = transformers.LlamaForCausalLM(cfg).eval()
+    m = tiny("llama")
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0

@@ -30,7 +30,7 @@ use crate::quant::{affine_scalar, unpack_row_f32};
 use crate::rope::sincos_f32_angle;
 use crate::rotation::Mode;
 use crate::simd::{self, f16_to_f32, madd, Level};
-use crate::store::{class_index, dtype_code, DevTensor, KVStore, Meta};
+use crate::store::{check_positions, class_index, dtype_code, DevTensor, KVStore, Meta};
 use crate::tensor::{OutData, View4};
 
 /// What [`attend`] takes besides the layer and the output.
@@ -461,20 +461,7 @@ fn prepare(
         ));
     }
     if let Some(p) = a.positions {
-        if p.len() != b * tq && p.len() != tq {
-            return Err(Error::shape(
-                "positions",
-                format!("[B={b}, Tq={tq}] or [Tq={tq}]"),
-                format!("{} elements", p.len()),
-            ));
-        }
-        if let Some(x) = p.iter().find(|x| !(0..i32::MAX as i64).contains(*x)) {
-            return Err(Error::value(
-                "positions",
-                "0 <= position < 2^31 - 1",
-                x.to_string(),
-            ));
-        }
+        check_positions(p, b, tq, "Tq")?;
     }
     let scale = a.scale.unwrap_or(1.0 / (d as f32).sqrt());
     if !(scale.is_finite() && scale > 0.0) {

@@ -332,6 +332,26 @@ impl Staged {
     }
 }
 
+/// Checks positions given per token (`[B*T]`) or shared by the batch (`[T]`): each one in
+/// `0 .. 2^31 - 1`. `t_name` names the token axis in errors (`T`, `Tq`).
+pub fn check_positions(p: &[i64], b: usize, t: usize, t_name: &str) -> Result<()> {
+    if p.len() != b * t && p.len() != t {
+        return Err(Error::shape(
+            "positions",
+            format!("[B={b}, {t_name}={t}] or [{t_name}={t}]"),
+            format!("{} elements", p.len()),
+        ));
+    }
+    if let Some(x) = p.iter().find(|x| !(0..i32::MAX as i64).contains(*x)) {
+        return Err(Error::value(
+            "positions",
+            "0 <= position < 2^31 - 1",
+            x.to_string(),
+        ));
+    }
+    Ok(())
+}
+
 fn shape_str(s: &[usize]) -> String {
     format!(
         "[{}]",
@@ -638,20 +658,7 @@ impl KVStore {
         }
         let b = m.batch;
         if let Some(p) = a.positions {
-            if p.len() != b * t && p.len() != t {
-                return Err(Error::shape(
-                    "positions",
-                    format!("[B={b}, T={t}] or [T={t}]"),
-                    format!("{} elements", p.len()),
-                ));
-            }
-            if let Some(x) = p.iter().find(|x| !(0..i32::MAX as i64).contains(*x)) {
-                return Err(Error::value(
-                    "positions",
-                    "0 <= position < 2^31 - 1",
-                    x.to_string(),
-                ));
-            }
+            check_positions(p, b, t, "T")?;
         }
         for (name, len) in [
             ("protect", a.protect.map(|x| x.len())),

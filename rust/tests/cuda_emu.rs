@@ -11,24 +11,8 @@ use rotatekv::simd::{f16_to_f32, f32_to_bf16, f32_to_f16};
 use rotatekv::store::{class_index, DevAppendArgs, DevTensor, TokenArgs};
 use rotatekv::*;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn f(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn vec(&mut self, n: usize, amp: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f() * amp).collect()
-    }
-}
+mod common;
+use common::{chunk, rope_for, Chunk, Rng};
 
 fn seed() -> u64 {
     // Fresh inputs each run; the seed is printed so a failure can be replayed.
@@ -79,34 +63,27 @@ fn run_fwht(x: &[f32], rows: usize, n: usize, inverse: bool, dtype: i32) -> Vec<
     let mut scratch = vec![0f32; if big { grid as usize * n } else { 0 }];
     let scratch_ptr = if big { scratch.as_mut_ptr() as u64 } else { 0 };
     let smem = if big { 0 } else { n * 4 };
-    if dtype == F32 {
-        let mut y = vec![0f32; rows * n];
+    let run = |x: u64, y: u64| {
         let p = RkvFwhtParams {
-            x: x.as_ptr() as u64,
-            y: y.as_mut_ptr() as u64,
+            x,
+            y,
             rows: rows as i64,
             n: n as i32,
             dtype,
             inverse: inverse as i32,
             pad: 0,
         };
-        // SAFETY: x and y hold rows * n f32, scratch grid * n when used.
+        // SAFETY: x and y hold rows * n elements of dtype, scratch grid * n f32 when used.
         unsafe { emu::fwht(&p, scratch_ptr, grid, smem) };
+    };
+    if dtype == F32 {
+        let mut y = vec![0f32; rows * n];
+        run(x.as_ptr() as u64, y.as_mut_ptr() as u64);
         y
     } else {
         let xs: Vec<u16> = x.iter().map(|v| enc(*v)).collect();
         let mut y = vec![0u16; rows * n];
-        let p = RkvFwhtParams {
-            x: xs.as_ptr() as u64,
-            y: y.as_mut_ptr() as u64,
-            rows: rows as i64,
-            n: n as i32,
-            dtype,
-            inverse: inverse as i32,
-            pad: 0,
-        };
-        // SAFETY: xs and y hold rows * n u16, scratch grid * n f32 when used.
-        unsafe { emu::fwht(&p, scratch_ptr, grid, smem) };
+        run(xs.as_ptr() as u64, y.as_mut_ptr() as u64);
         y.iter().map(|h| dec(*h)).collect()
     }
 }
@@ -238,18 +215,6 @@ fn base(bits: u8, mode: Mode) -> Case {
     }
 }
 
-/// Inputs of every append: keys, values (as 16-bit patterns when `f16_src`), positions,
-/// masks and bits, `[B, H, T, D]` per chunk.
-struct Chunk {
-    t: usize,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    pos: Vec<i64>,
-    valid: Vec<bool>,
-    protect: Vec<bool>,
-    bits: Vec<u8>,
-}
-
 fn build(c: &Case, rng: &mut Rng) -> (KVStore, Vec<Chunk>) {
     let plan = if c.mode == Mode::None {
         RotationPlan::identity(2, c.hkv, c.d).unwrap()
@@ -277,43 +242,22 @@ fn build(c: &Case, rng: &mut Rng) -> (KVStore, Vec<Chunk>) {
         fp_format: c.fp_format,
         ..Default::default()
     };
-    let half = if c.partial_rope { c.d / 4 } else { c.d / 2 };
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 10000f32.powf(-((2 * i) as f32) / (2 * half) as f32))
-        .collect();
-    let rope = Some(Rope::new(inv, 1.1, c.d).unwrap());
+    let rope = Some(rope_for(c.d, c.partial_rope));
     let mut store = KVStore::new(2, c.batch, c.hkv, c.d, cfg, plan, rope).unwrap();
     let mut next = vec![0i64; c.batch];
     let mut chunks = Vec::new();
     for &t in &c.chunks {
-        let n = c.batch * c.hkv * t * c.d;
-        let round = |x: f32| c.fp_format.round(x);
-        // Keys with outlier channels; 16-bit-representable so that tokens staged through
-        // the store's 16-bit window quantize from the same values the kernel reads.
-        let mut k = rng.vec(n, 1.0);
-        for (i, x) in k.iter_mut().enumerate() {
-            if i % c.d == 3 || i % c.d == c.d - 2 {
-                *x *= 8.0;
-            }
-            *x = round(*x);
-        }
-        let v: Vec<f32> = rng.vec(n, 1.0).into_iter().map(round).collect();
-        let valid: Vec<bool> = (0..c.batch * t).map(|i| !c.valid || i % 5 != 1).collect();
-        let protect: Vec<bool> = (0..c.batch * t).map(|i| c.protect && i % 7 == 0).collect();
-        let bits: Vec<u8> = (0..c.batch * t)
-            .map(|i| [2u8, 4, 8, 16, 3][i % 5])
-            .collect();
-        let mut pos = vec![0i64; c.batch * t];
-        for b in 0..c.batch {
-            for j in 0..t {
-                pos[b * t + j] = next[b];
-                if valid[b * t + j] {
-                    next[b] += 1;
-                }
-            }
-        }
-        let kv = View4::contiguous("k", Data::F32(&k), [c.batch, c.hkv, t, c.d]).unwrap();
-        let vv = View4::contiguous("v", Data::F32(&v), [c.batch, c.hkv, t, c.d]).unwrap();
+        // 16-bit-representable values, so that tokens staged through the store's 16-bit
+        // window quantize from the same values the kernel reads.
+        let ch = chunk(
+            rng,
+            (c.batch, c.hkv, t, c.d),
+            &mut next,
+            c.valid,
+            Some(c.fp_format),
+        );
+        let kv = View4::contiguous("k", Data::F32(&ch.k), [c.batch, c.hkv, t, c.d]).unwrap();
+        let vv = View4::contiguous("v", Data::F32(&ch.v), [c.batch, c.hkv, t, c.d]).unwrap();
         for layer in 0..2 {
             store
                 .append(
@@ -321,23 +265,15 @@ fn build(c: &Case, rng: &mut Rng) -> (KVStore, Vec<Chunk>) {
                     &AppendArgs {
                         k: kv,
                         v: vv,
-                        positions: Some(&pos),
-                        protect: c.protect.then_some(&protect[..]),
-                        valid: c.valid.then_some(&valid[..]),
-                        bits: c.mixed_bits.then_some(&bits[..]),
+                        positions: Some(&ch.pos),
+                        protect: c.protect.then_some(&ch.protect[..]),
+                        valid: c.valid.then_some(&ch.valid[..]),
+                        bits: c.mixed_bits.then_some(&ch.bits[..]),
                     },
                 )
                 .unwrap();
         }
-        chunks.push(Chunk {
-            t,
-            k,
-            v,
-            pos,
-            valid,
-            protect,
-            bits,
-        });
+        chunks.push(ch);
     }
     (store, chunks)
 }

@@ -5,33 +5,8 @@ use rotatekv::quant::quantize_group_ref;
 use rotatekv::simd::{available_levels, f16_to_f32};
 use rotatekv::*;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn f(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn vec(&mut self, n: usize, amp: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f() * amp).collect()
-    }
-}
-
-fn rope_for(d: usize, partial: bool) -> Rope {
-    let half = if partial { d / 4 } else { d / 2 };
-    let r = 2 * half;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 10000f32.powf(-((2 * i) as f32) / r as f32))
-        .collect();
-    Rope::new(inv, 1.1, d).unwrap()
-}
+mod common;
+use common::{chunk, rope_for, Rng};
 
 /// Float64 attention over the store's own dequantized tokens.
 #[allow(clippy::too_many_arguments)]
@@ -149,31 +124,11 @@ fn build(case: &Case, rng: &mut Rng) -> (KVStore, Vec<i32>) {
     let mut store = KVStore::new(2, c.batch, c.hkv, c.d, cfg, plan, rope).unwrap();
     let mut next = vec![0i64; c.batch];
     for &t in &c.chunks {
-        let n = c.batch * c.hkv * t * c.d;
-        // Keys with a few outlier channels, as real keys have.
-        let mut k = rng.vec(n, 1.0);
-        for (i, x) in k.iter_mut().enumerate() {
-            if i % c.d == 3 || i % c.d == c.d - 2 {
-                *x *= 8.0;
-            }
-        }
-        let v = rng.vec(n, 1.0);
-        let valid: Vec<bool> = (0..c.batch * t).map(|i| !c.valid || (i % 5 != 1)).collect();
-        let protect: Vec<bool> = (0..c.batch * t).map(|i| c.protect && i % 7 == 0).collect();
-        let bits: Vec<u8> = (0..c.batch * t)
-            .map(|i| [2u8, 4, 8, 16, 3][i % 5])
-            .collect();
-        let mut positions = vec![0i64; c.batch * t];
-        for b in 0..c.batch {
-            for j in 0..t {
-                positions[b * t + j] = next[b];
-                if valid[b * t + j] {
-                    next[b] += 1;
-                }
-            }
-        }
-        let kv = View4::contiguous("k", Data::F32(&k), [c.batch, c.hkv, t, c.d]).unwrap();
-        let vv = View4::contiguous("v", Data::F32(&v), [c.batch, c.hkv, t, c.d]).unwrap();
+        let ch = chunk(rng, (c.batch, c.hkv, t, c.d), &mut next, c.valid, None);
+        let (k, v, positions) = (&ch.k, &ch.v, &ch.pos);
+        let (valid, protect, bits) = (&ch.valid, &ch.protect, &ch.bits);
+        let kv = View4::contiguous("k", Data::F32(k), [c.batch, c.hkv, t, c.d]).unwrap();
+        let vv = View4::contiguous("v", Data::F32(v), [c.batch, c.hkv, t, c.d]).unwrap();
         for layer in 0..2 {
             store
                 .append(
@@ -181,7 +136,7 @@ fn build(case: &Case, rng: &mut Rng) -> (KVStore, Vec<i32>) {
                     &AppendArgs {
                         k: kv,
                         v: vv,
-                        positions: Some(&positions),
+                        positions: Some(positions),
                         protect: c.protect.then_some(&protect[..]),
                         valid: c.valid.then_some(&valid[..]),
                         bits: c.mixed_bits.then_some(&bits[..]),

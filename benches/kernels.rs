@@ -152,6 +152,7 @@ fn bench_attend(c: &mut Criterion) {
         scale: None,
         window: None,
         softcap: None,
+        lag: 0,
     };
     let mut out = vec![0f32; HQ * D];
     for ctx in [4096usize, 16384] {

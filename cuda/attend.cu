@@ -222,6 +222,8 @@ RKV_GLOBAL void rkv_combine(RkvCombineParams p) {
   __syncthreads();
   if (p.rotate_values) rkv_fwht_block(acc, 1, D, D, true, true);
   const i32 qh = row / p.tq, t = row % p.tq;
+  if (p.lse && threadIdx.x == 0)
+    reinterpret_cast<float*>(p.lse)[(i64)b * rows + row] = l > 0.0f ? mstar + logf(l) : -RKV_INF;
   for (i32 c = threadIdx.x; c < D; c += RKV_THREADS) {
     float v = l > 0.0f ? acc[c] / l : 0.0f;
     rkv_store(p.out, b * p.o_s[0] + qh * p.o_s[1] + t * p.o_s[2] + c * p.o_s[3], p.o_dtype, v);

@@ -136,6 +136,7 @@ struct RkvAttendParams {
 struct RkvCombineParams {
   u64 work;  // as in RkvAttendParams
   u64 out;   // [B, Hq, Tq, D], element strides o_s, dtype o_dtype
+  u64 lse;   // 0, or float [B, Hq, Tq] contiguous: each row's log-sum-exp (-inf: no key)
   i64 o_s[4];
   i32 batch, hq, tq, d;
   i32 splits, o_dtype, rotate_values, pad;

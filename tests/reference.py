@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -279,37 +280,41 @@ def sdpa(
     scale: float | None = None,
     window: int | None = None,
     softcap: float | None = None,
-) -> torch.Tensor:
-    """Float64 attention of one sequence: ``q`` ``[Hq, Tq, D]``, ``k, v`` ``[Hkv, n, D]``.
+    lag: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 attention of one sequence: ``q`` ``[Hq, Tq, D]``, ``k, v`` ``[Hkv, n, D]``;
+    returns the output and each row's log-sum-exp of its scores ``[Hq, Tq]``.
 
-    Key j is visible to query t iff (not causal or kpos[j] <= qpos[t]) and (no window or
-    qpos[t] - kpos[j] < window). Rows without a visible key are 0 (as the store returns)."""
+    Key j is visible to query t iff (not causal or kpos[j] <= qpos[t] - lag) and (no window
+    or qpos[t] - kpos[j] < window). Rows without a visible key are 0 (as the store returns),
+    their log-sum-exp -inf."""
     q, k, v = q.double(), k.double(), v.double()
     hq, tq, d = q.shape
     out = torch.zeros(hq, tq, d, dtype=torch.float64)
+    lse = torch.full((hq, tq), float("-inf"), dtype=torch.float64)
     if k.shape[1] == 0:
-        return out
+        return out, lse
     qp = qpos.to(torch.int64)[:, None]
     kp = kpos.to(torch.int64)[None, :]
     vis = torch.ones(tq, k.shape[1], dtype=torch.bool)
     if causal:
-        vis &= kp <= qp
+        vis &= kp <= qp - lag
     if window is not None:
         vis &= (qp - kp) < window
     sc = 1.0 / math.sqrt(d) if scale is None else scale
+    g = hq // k.shape[0]
+    kk = k.repeat_interleave(g, 0)
+    s = (q @ kk.transpose(-1, -2)) * sc
     if softcap is None:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=sc, enable_gqa=True)
     else:
-        g = hq // k.shape[0]
-        kk = k.repeat_interleave(g, 0)
         vv = v.repeat_interleave(g, 0)
-        s = (q @ kk.transpose(-1, -2)) * sc
         s = softcap * torch.tanh(s / softcap)
-        s = s.masked_fill(~vis, float("-inf"))
-        o = torch.softmax(s, -1) @ vv
+        o = torch.softmax(s.masked_fill(~vis, float("-inf")), -1) @ vv
     rows = vis.any(-1)
     out[:, rows] = o[:, rows]
-    return out
+    lse[:, rows] = torch.logsumexp(s.masked_fill(~vis, float("-inf")), -1)[:, rows]
+    return out, lse
 
 
 def attend_reference(
@@ -323,8 +328,11 @@ def attend_reference(
     window: int | None = None,
     softcap: float | None = None,
     rope: tuple[torch.Tensor, float] | None = None,
-) -> torch.Tensor:
-    """Attention over the store's own dequantized tokens (``store.dequantize``), float64.
+    lag: int = 0,
+    return_lse: bool = False,
+) -> Any:
+    """Attention over the store's own dequantized tokens (``store.dequantize``), float64;
+    with ``return_lse`` also the rows' log-sum-exps ``[B, Hq, Tq]``.
 
     ``qpos``: ``[B, Tq]`` query positions. ``rope``: ``(inv_freq, scaling)`` for a pre-RoPE
     store, whose dequantized keys are pre-RoPE."""
@@ -332,13 +340,14 @@ def attend_reference(
     b, _, tq, _ = qt.shape
     qpos = torch.as_tensor(np.asarray(qpos), dtype=torch.int64).reshape(-1, tq).expand(b, tq)
     out = torch.zeros_like(qt)
+    lse = torch.zeros(qt.shape[:3], dtype=torch.float64)
     for i in range(b):
         pos, k, v = store.dequantize(layer, i)
         kpos = torch.from_numpy(pos.astype(np.int64))
         kt = torch.from_numpy(k).double()
         if rope is not None:
             kt = apply_rope(kt, kpos, rope[0], rope[1])
-        out[i] = sdpa(
+        out[i], lse[i] = sdpa(
             qt[i],
             kt.permute(1, 0, 2),
             torch.from_numpy(v).double().permute(1, 0, 2),
@@ -348,8 +357,9 @@ def attend_reference(
             scale=scale,
             window=window,
             softcap=softcap,
+            lag=lag,
         )
-    return out
+    return (out, lse) if return_lse else out
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:

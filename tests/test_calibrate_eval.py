@@ -317,3 +317,47 @@ def test_layer_ranking_measures_each_layer_alone(llama_data) -> None:
     assert gains == sorted(gains, reverse=True) and all(math.isfinite(g) for g in gains)
     # 4-bit codes in a layer bring the model closer to its 16-bit self on these windows.
     assert max(gains) > 0
+
+
+def test_promote_widens_the_layers_that_gain_most(llama_data, tmp_path) -> None:
+    m, data = llama_data
+    spec = rh.model_spec(m)
+    c2 = C.fit(data, spec, bits=2, clip="fixed", progress=False)
+    c3 = C.fit(data, spec, bits=3, clip="fixed", progress=False)
+    w = ids(2, 48, seed=5)
+    cfg = QuantConfig(bits=2, residual=8)
+    ranked = C.rank_layers(m, c2, c3, w, cfg, progress=False)
+    half = C.promote(m, c2, c3, w, cfg, 0.5, progress=False)
+    best = ranked[0][0]
+    assert half.layer_bits == [3 if i == best else 2 for i in range(2)]
+    assert half.settings["wider_fraction"] == 0.5 and half.settings["wider_layers"] == [best]
+    assert {e["layer"]: e["wider_gain"] for e in half.report} == {i: round(g, 6) for i, g in ranked}
+    assert all("wider_gain" not in e for e in c2.report)  # the input is left as it was
+    assert C.promote(m, c2, c3, w, cfg, 0.49, progress=False).layer_bits == [2, 2]
+    assert C.promote(m, c2, c3, w, cfg, 1.0, progress=False).layer_bits == [3, 3]
+    with pytest.raises(rotatekv.ArgumentError, match="fraction"):
+        C.promote(m, c2, c3, w, cfg, 1.5, progress=False)
+    half.save(tmp_path / "h.safetensors")
+    assert C.Calibration.load(tmp_path / "h.safetensors", m).layer_bits == half.layer_bits
+
+
+def test_default_2bit_method_ranks_and_widens_layers() -> None:
+    """rotatekv2's build fits 2 and 3 bits and stores the top share of layers at 3; it needs
+    the model and the calibration windows to rank them."""
+    m = tiny("llama", seed=3)
+    # Two layers: the default share (floor(0.45 * 2) = 0) would widen none; take half.
+    meth = E.METHODS["rotatekv2"]
+    meth = E.Method(
+        meth.name, meth.bits, meth.config, {**meth.plan, "wider": {"bits": 3, "fraction": 0.5}},
+        meth.description,
+    )  # fmt: skip
+    spec = rh.model_spec(m)
+    calib = ids(2, 48, seed=6)
+    data = C.collect(m, calib, n_queries=16, progress=False)
+    cal, cfg = E.build(meth, spec, data, model=m, calib=calib)
+    assert sorted(cal.layer_bits) == [2, 3] and cfg.residual == E.DEFAULT_RESIDUAL
+    with pytest.raises(rotatekv.ArgumentError, match="model and calibration windows"):
+        E.build(meth, spec, data)
+    plan = E.fit_args(E.METHODS["rotatekv2"])
+    assert "wider" not in plan and plan["bits"] == 2
+    assert E.METHODS["rotatekv2"].plan["wider"] == {"bits": 3, "fraction": E.WIDER_FRACTION}

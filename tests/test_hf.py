@@ -150,6 +150,44 @@ def test_chunked_prefill_and_decode_equal_one_prefill() -> None:
     assert cache.get_seq_length() == ids.shape[1]
 
 
+@pytest.mark.parametrize(
+    "arch,recent", [("llama", 5), ("gemma2", 3), ("gemma2", 6), ("mistral", 4), ("qwen3", 7)]
+)
+def test_recent_window_prefill_equals_decode(arch: str, recent: int) -> None:
+    """With a recent window of R tokens, one prefill, a chunked prefill and token-by-token
+    decode give every query the same keys: its newest R in 16 bits, older ones packed (in a
+    prefill the newest come from the chunk, in decode from the store's window). With keys
+    stored as the model computes them (identity plan) both are the same 16-bit keys, so the
+    three agree to float rounding, on a left-padded batch, with sliding windows (shorter and
+    longer than R) and soft-capping."""
+    m = tiny(arch)
+    ids, mask = batch(t=30, pads=(0, 3))
+    spec = rh.model_spec(m)
+    plan = RotationPlan.identity(spec.num_layers, spec.num_kv_heads, spec.head_dim)
+    with torch.no_grad():
+        ref = m(input_ids=ids, attention_mask=mask).logits
+        rh.enable(m, plan, QuantConfig(bits=2, residual=recent))
+        whole = m(input_ids=ids, attention_mask=mask).logits
+        runs = []
+        for cuts in ([0, 7, 8, 19, 30], list(range(31))):
+            cache = rh.new_cache(m)
+            runs.append(
+                torch.cat(
+                    [
+                        m(input_ids=ids[:, a:b], attention_mask=mask[:, :b], cache=cache).logits
+                        for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+                    ],
+                    1,
+                )
+            )
+    rh.disable(m)
+    chunked, decode = runs
+    assert rel_err(whole, decode, mask) < 1e-4
+    assert rel_err(chunked, decode, mask) < 1e-4
+    # The comparison has power: 2 bits moved the logits far more than that.
+    assert rel_err(whole, ref, mask) > 1e-2
+
+
 def test_cache_holds_only_packed_bytes() -> None:
     """No full-precision K/V beside the store: the layers keep no tensors, and the store's
     bytes match its bit width."""

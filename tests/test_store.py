@@ -495,6 +495,7 @@ def build_and_check(
     rope_scaling: float = 1.0,
     fp_format: str = "float16",
     layers: int = 2,
+    lag: int = 0,
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     inv_freq = default_inv_freq(d, partial=partial_rope)
@@ -573,11 +574,20 @@ def build_and_check(
         qpos = qpos[None].expand(batch, tq)
     rope = (inv_freq, rope_scaling) if mode == "pre_rope" else None
     for layer in range(layers):
-        got = store.attend(
-            layer, q, positions=arg, causal=causal, scale=scale, window=window, softcap=softcap
+        got, lse = store.attend(
+            layer,
+            q,
+            positions=arg,
+            causal=causal,
+            scale=scale,
+            window=window,
+            softcap=softcap,
+            lag=lag,
+            return_lse=True,
         )
         assert got.dtype == q_dtype and got.shape == q.shape
-        want = attend_reference(
+        assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+        want, want_lse = attend_reference(
             store,
             layer,
             q,
@@ -587,8 +597,28 @@ def build_and_check(
             window=window,
             softcap=softcap,
             rope=rope,
+            lag=lag,
+            return_lse=True,
         )
         torch.testing.assert_close(got.double(), want, **tolerance(q_dtype))
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
+        seen = ~torch.isneginf(want_lse)
+        # Scores come from q in its own dtype: 16-bit queries round them.
+        tol = 2e-4 if q_dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(lse[seen].double(), want_lse[seen], rtol=tol, atol=tol)
+        if lag == 0:
+            assert torch.equal(
+                got,
+                store.attend(
+                    layer,
+                    q,
+                    positions=arg,
+                    causal=causal,
+                    scale=scale,
+                    window=window,
+                    softcap=softcap,
+                ),
+            )
 
 
 def test_the_attention_reference_detects_a_one_code_change(gen):
@@ -666,6 +696,12 @@ def test_attend_gqa_ratios(gqa, mode):
         {"fp_format": "bfloat16", "residual": 40, "bits": 8},
         {"mode": "none", "group_heads": 2, "permuted": True},
         {"mode": "post_rope", "group_heads": 2, "permuted": True, "tq": 3},
+        # Each query's newest keys masked (the transformers prefill reads those from the
+        # chunk): rows with only recent keys see nothing.
+        {"lag": 4, "tq": 9, "chunks": [9]},
+        {"lag": 32, "tq": 40, "chunks": [70, 40], "residual": 32, "protect": True},
+        {"lag": 5, "tq": 5, "window": 9, "softcap": 3.0, "mode": "pre_rope"},
+        {"lag": 2, "tq": 4, "key_layout": "per_channel", "residual": 10, "left_pad": True},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
 )
@@ -714,12 +750,34 @@ def attend_cases(draw: st.DrawFn) -> dict[str, object]:
         partial_rope=draw(st.booleans()),
         rope_scaling=draw(st.sampled_from([1.0, 1.25])),
         fp_format=draw(st.sampled_from(["float16", "bfloat16"])),
+        lag=draw(st.sampled_from([0, 0, 1, 3])),
     )
 
 
 @given(case=attend_cases())
 def test_attend_random_configurations(case):
+    w = case["window"]
+    if not case["causal"] or (w is not None and w <= case["lag"]):
+        case["lag"] = 0  # refused combinations (test_attend_lag_is_checked)
     build_and_check(**case)
+
+
+def test_attend_lag_is_checked(gen):
+    s = KVStore(1, 2, 64, config=QuantConfig(bits=2))
+    k, v = make_kv(gen, 1, 2, 10, 64)
+    s.append(0, k, v)
+    q = torch.randn(1, 2, 3, 64, generator=gen)
+    with pytest.raises(rotatekv.ArgumentError, match="lag: expected an int >= 0"):
+        s.attend(0, q, lag=-1)
+    with pytest.raises(rotatekv.ArgumentError, match="lag: expected 0 without causal"):
+        s.attend(0, q, lag=2, causal=False)
+    with pytest.raises(rotatekv.ArgumentError, match="lag: expected less than the window"):
+        s.attend(0, q, lag=4, window=4)
+    with pytest.raises(rotatekv.DTypeError, match="lag: expected an int"):
+        s.attend(0, q, lag=1.5)
+    # Refused calls change nothing; a lag beyond every query sees nothing.
+    out, lse = s.attend(0, q, lag=100, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
 
 
 # ============================================================================================
@@ -758,7 +816,7 @@ def end_to_end_error(gen: torch.Generator, bits: int, mode: str, d: int = 128) -
     q = torch.randn(b, hkv * gqa, 1, d, generator=gen)
     got = store.attend(0, q).double()
     want = torch.stack(
-        [sdpa(q[i], k_model[i], v[i], torch.tensor([t - 1]), pos, causal=True) for i in range(b)]
+        [sdpa(q[i], k_model[i], v[i], torch.tensor([t - 1]), pos, causal=True)[0] for i in range(b)]
     )
     return ((got - want).norm() / want.norm()).item()
 

@@ -147,6 +147,7 @@ fuzz_target!(|bytes: &[u8]| {
                     scale: inp.pick(&[None, Some(0.0), Some(f32::NAN), Some(1e30)]),
                     window: inp.pick(&[None, Some(0), Some(1), Some(40)]),
                     softcap: inp.pick(&[None, Some(50.0), Some(0.0), Some(-1.0)]),
+                    lag: inp.pick(&[0, 0, 1, 40, usize::MAX]),
                 };
                 let mut out = vec![0f32; q.len()];
                 let _ =

@@ -101,6 +101,7 @@ pub fn exercise(store: &KVStore) {
                 scale: None,
                 window,
                 softcap: None,
+                lag: 0,
             };
             let _ = attend(store, layer, &args, &mut OutData::F32(&mut out));
         }

@@ -144,7 +144,9 @@ class KVStore:
         scale: float | None = None,
         window: int | None = None,
         softcap: float | None = None,
-    ) -> Tensor: ...
+        lag: int = 0,
+        return_lse: bool = False,
+    ) -> Any: ...  # a Tensor; (Tensor, float32 lse [B, Hq, Tq]) with return_lse
     def seq_lens(self, layer: int) -> list[int]: ...
     @property
     def nbytes(self) -> int: ...

@@ -63,7 +63,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.plots:
         spec = ev.rh.model_spec(model)
         data = cal_mod.collect(model, calib, progress=False)
-        cal = cal_mod.fit(data, spec, progress=False, **ev.METHODS["rotatekv2"].plan)
+        cal = cal_mod.fit(data, spec, progress=False, **ev.fit_args(ev.METHODS["rotatekv2"]))
         n = spec.num_layers
         paths = ev.plot_channels(data, spec, cal, sorted({0, n // 2, n - 1}), Path(args.plots))
         print("plots:", ", ".join(str(p) for p in paths))
@@ -72,23 +72,32 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     """``rotatekv calibrate``: fit a plan and sink rule, save them to one file."""
+    from . import QuantConfig, models, text
     from . import calibrate as cal_mod
-    from . import models, text
+    from .hf import model_spec
 
     _positive("windows", args.windows)
+    if args.wider_fraction > 0 and args.bits not in (2, 3):
+        raise SystemExit("rotatekv calibrate: --wider-fraction needs --bits 2 or 3")
     model, tok = models.load(args.model)
     docs = text.load_texts(args.text)
     _, calib = text.split_windows(tok, docs, 0, args.windows, args.window_len)
-    cal = cal_mod.calibrate(
-        model,
-        calib,
-        bits=args.bits,
+    fit_args = dict(
         mode=args.mode,
         reorder=args.reorder,
         clip=args.clip if args.clip in ("search", "fixed") else float(args.clip),
         sinks=not args.no_sinks,
         key_layout=args.key_layout,
     )
+    data = cal_mod.collect(model, calib)
+    spec = model_spec(model)
+    cal = cal_mod.fit(data, spec, bits=args.bits, **fit_args)
+    if args.wider_fraction > 0:
+        # Layers that gain most from one more bit (ranked on the calibration windows, with
+        # the recent window the store will use) are stored at bits + 1.
+        wider = cal_mod.fit(data, spec, bits=args.bits + 1, **fit_args)
+        cfg = QuantConfig(bits=args.bits, residual=args.residual)
+        cal = cal_mod.promote(model, cal, wider, calib[:4], cfg, args.wider_fraction)
     cal.save(args.out)
     print(cal_mod.describe(cal))
     print(f"saved {args.out}")
@@ -123,6 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--clip", default="search", help="search, fixed or a ratio")
     cal.add_argument("--no-sinks", action="store_true")
     cal.add_argument("--key-layout", choices=("per_token", "per_channel", "auto"), default="auto")
+    cal.add_argument(
+        "--wider-fraction",
+        type=float,
+        default=0.0,
+        help="share of layers stored at bits + 1 (rotatekv2's default: 0.45)",
+    )
+    cal.add_argument(
+        "--residual",
+        type=int,
+        default=32,
+        help="recent 16-bit tokens of the store the layers are ranked with",
+    )
     cal.add_argument("--out", required=True, help="safetensors file to write")
     from . import bench
 

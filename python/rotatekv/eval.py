@@ -25,7 +25,7 @@ import torch
 from . import QuantConfig, RotationPlan
 from . import hf as rh
 from ._rotatekv import ArgumentError
-from .calibrate import Calibration, LayerData, collect, fit
+from .calibrate import Calibration, LayerData, collect, fit, promote
 from .hf import ModelSpec
 
 
@@ -56,15 +56,24 @@ def _paper(**over: Any) -> dict[str, Any]:
 
 
 # Our product default: the paper's rotation with reordering picked per layer, per-layer clip
-# search, sinks, and a short full-precision window of recent tokens (README has the numbers
+# search, sinks, key layouts picked per layer, a short full-precision window of recent tokens,
+# and at 2 bits the layers that gain most from a third bit stored at 3 (README has the numbers
 # that chose it).
 DEFAULT_RESIDUAL = 32
+# Share of layers rotatekv2 stores at 3 bits: the largest at which its effective bits stay at
+# or below kivi2's on 512-token windows of the default model (13 of 30 layers).
+WIDER_FRACTION = 0.45
+# Calibration windows that rank the layers (one forward per layer each).
+RANK_WINDOWS = 4
 
 
 def _ours(bits: int) -> dict[str, Any]:
-    return dict(
+    a: dict[str, Any] = dict(
         bits=bits, mode="pre_rope", reorder="auto", clip="search", sinks=True, key_layout="auto"
     )
+    if bits == 2:
+        a["wider"] = dict(bits=3, fraction=WIDER_FRACTION)
+    return a
 
 
 METHODS: dict[str, Method] = {
@@ -118,10 +127,22 @@ def parse_methods(s: str) -> list[str]:
     return names
 
 
+def fit_args(method: Method) -> dict[str, Any]:
+    """The :func:`rotatekv.calibrate.fit` arguments of a calibrated method."""
+    assert isinstance(method.plan, dict)
+    return {k: v for k, v in method.plan.items() if k != "wider"}
+
+
 def build(
-    method: Method, spec: ModelSpec, data: list[LayerData] | None, progress: bool = False
+    method: Method,
+    spec: ModelSpec,
+    data: list[LayerData] | None,
+    progress: bool = False,
+    model: torch.nn.Module | None = None,
+    calib: torch.Tensor | None = None,
 ) -> tuple[RotationPlan | Calibration, QuantConfig]:
-    """The plan (or calibration) and config of a method for a model."""
+    """The plan (or calibration) and config of a method for a model. Methods with wider
+    layers also need the model and the calibration windows (to rank the layers)."""
     n, hkv, d = spec.num_layers, spec.num_kv_heads, spec.head_dim
     cfg = method.config
     if cfg.group_size is not None and d % cfg.group_size:
@@ -133,7 +154,15 @@ def build(
     if data is None:
         raise ArgumentError(f"methods: {method.name} needs calibration windows (--calib-windows)")
     assert isinstance(method.plan, dict)
-    return fit(data, spec, progress=progress, **method.plan), cfg
+    cal = fit(data, spec, progress=progress, **fit_args(method))
+    wide = method.plan.get("wider")
+    if wide is None:
+        return cal, cfg
+    if model is None or calib is None:
+        raise ArgumentError(f"methods: {method.name} needs the model and calibration windows")
+    wider = fit(data, spec, progress=progress, **{**fit_args(method), "bits": wide["bits"]})
+    ranked = calib[:RANK_WINDOWS]
+    return promote(model, cal, wider, ranked, cfg, wide["fraction"], progress=progress), cfg
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor, protocol: str) -> tuple[torch.Tensor, Any]:
@@ -192,7 +221,10 @@ def evaluate(
     built: dict[str, tuple[Any, QuantConfig, float]] = {}
     for name in methods:
         t0 = time.perf_counter()
-        plan, cfg = prebuilt[name] if name in prebuilt else build(METHODS[name], spec, data)
+        if name in prebuilt:
+            plan, cfg = prebuilt[name]
+        else:
+            plan, cfg = build(METHODS[name], spec, data, model=model, calib=calib)
         built[name] = (plan, cfg, time.perf_counter() - t0)
     order = ["fp16"] + [m for m in methods if m != "fp16"]
     rows = []

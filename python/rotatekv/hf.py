@@ -33,6 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
 from . import KVStore, QuantConfig, RotationPlan
+from ._band import band_attention, merge
 from ._rope import tables as _rope_tables
 from ._rope import unrope as _unrope
 from ._rotatekv import ArgumentError, RotateKVError
@@ -119,6 +120,7 @@ class _Pending:
     k: torch.Tensor
     v: torch.Tensor
     positions: torch.Tensor  # int64 [B, T]
+    k_model: torch.Tensor  # the keys as the model computed them (after RoPE)
 
 
 class RotateKVLayer(CacheLayerMixin):
@@ -159,7 +161,7 @@ class RotateKVLayer(CacheLayerMixin):
             rope = self.cache.spec.ropes[self.layer]
             cs = self.cache._cos_sin(pos, rope)
             k = _unrope(key_states, pos, rope.inv_freq, rope.scaling, cs)
-        h = _Pending(self.cache, self.layer, k, value_states, pos)
+        h = _Pending(self.cache, self.layer, k, value_states, pos, key_states)
         return h, h
 
     def get_seq_length(self) -> int:
@@ -304,6 +306,12 @@ class RotateKVCache(Cache):
         for s in self.stores:
             s.reorder(beam_idx.to("cpu"))
 
+    def recent(self, layer: int) -> int:
+        """How many of a query's newest tokens layer ``layer`` reads in 16 bits (the
+        config's ``residual``; 0 where every token is 16-bit anyway)."""
+        bits = self.layer_bits[layer] if self.layer_bits is not None else self.config.bits
+        return 0 if bits == 16 else int(self.config.residual)
+
     def crop(self, tokens_to_remove: int) -> None:
         raise RotateKVError(
             "crop: a RotateKVCache does not roll back by slot count; use KVStore.truncate"
@@ -406,21 +414,36 @@ def _attention(
     lb = h.cache.layer_bits
     if lb is not None and lb[h.layer] != h.cache.config.bits:
         bits = torch.full((b, t), lb[h.layer], dtype=torch.int64)
+    tq = query.shape[2]
+    qpos = h.positions if position_ids is None else position_ids.to(torch.int64).expand(b, tq)
+    att = functools.partial(
+        store.attend, layer, query, positions=qpos, causal=True, scale=scaling, softcap=softcap
+    )
+    # A chunk's queries read their newest `r` tokens in 16 bits, as decode does (where the
+    # store's recent window holds them): the ones before the chunk from that window, before
+    # the chunk drains it, the chunk's own from the chunk; the older ones from the packed
+    # store. Softmax parts merge by log-sum-exp (rotatekv._band).
+    r = h.cache.recent(h.layer) if tq > 1 else 0
+    before = None
+    if r > 0 and h.cache.layers[h.layer].slots > 0:
+        before = att(window=min(r, sliding_window or r), return_lse=True)
     store.append(layer, h.k, h.v, positions=h.positions, protect=protect, valid=valid, bits=bits)
     # Counted only once stored, so a refused append leaves the cache as it was.
     h.cache.layers[h.layer].slots += t
-    tq = query.shape[2]
-    qpos = h.positions if position_ids is None else position_ids.to(torch.int64).expand(b, tq)
-    out = store.attend(
-        layer,
-        query,
-        positions=qpos,
-        causal=True,
-        scale=scaling,
-        window=sliding_window,
-        softcap=softcap,
+    if r == 0:
+        return att(window=sliding_window).transpose(1, 2), None
+    fmt = torch.bfloat16 if h.cache.config.fp_format == "bfloat16" else torch.float16
+    kval = (torch.ones(b, t, dtype=torch.bool) if valid is None else valid).to(query.device)
+    sc = scaling if scaling is not None else query.shape[-1] ** -0.5
+    kb, vb = h.k_model.to(fmt), h.v.to(fmt)
+    out, lse = band_attention(
+        query, kb, vb, qpos, h.positions, kval, r, sc, sliding_window, softcap
     )
-    return out.transpose(1, 2), None
+    if before is not None:
+        out, lse = merge(*before, out, lse)
+    if sliding_window is None or sliding_window > r:
+        out, lse = merge(*att(window=sliding_window, lag=r, return_lse=True), out, lse)
+    return out.to(query.dtype).transpose(1, 2), None
 
 
 def _register() -> None:

@@ -35,7 +35,7 @@ def run_model_demo(windows: int = 4, window_len: int = 512, calib_windows: int =
     spec = rh.model_spec(model)
     t1 = time.perf_counter()
     data = collect(model, cal_w, progress=False)
-    ours = ev.build(ev.METHODS["rotatekv2"], spec, data)
+    ours = ev.build(ev.METHODS["rotatekv2"], spec, data, model=model, calib=cal_w)
     del data
     print(f"calibrated rotatekv2 in {time.perf_counter() - t1:.0f} s", flush=True)
     rows = ev.evaluate(

@@ -31,7 +31,7 @@ use crate::rope::sincos_f32_angle;
 use crate::rotation::Mode;
 use crate::simd::{self, f16_to_f32, madd, Level};
 use crate::store::{check_positions, class_index, dtype_code, DevTensor, KVStore, Meta};
-use crate::tensor::{OutData, View4};
+use crate::tensor::{DType, OutData, View4};
 
 /// What [`attend`] takes besides the layer and the output.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +48,10 @@ pub struct AttendArgs<'a> {
     pub window: Option<usize>,
     /// Logit soft-capping (`cap * tanh(s / cap)`, Gemma 2).
     pub softcap: Option<f32>,
+    /// Also mask the keys within `lag` positions of the query (`q_pos - k_pos < lag`; needs
+    /// `causal`): a caller that attends to a query's recent tokens in full precision reads
+    /// only the older ones here and merges the two with the log-sum-exp ([`attend_lse`]).
+    pub lag: usize,
 }
 
 /// Everything an attention call takes besides the query and output memory.
@@ -63,6 +67,8 @@ pub struct Options<'a> {
     pub window: Option<usize>,
     /// As in [`AttendArgs`].
     pub softcap: Option<f32>,
+    /// As in [`AttendArgs`].
+    pub lag: usize,
 }
 
 impl AttendArgs<'_> {
@@ -73,18 +79,22 @@ impl AttendArgs<'_> {
             scale: self.scale,
             window: self.window,
             softcap: self.softcap,
+            lag: self.lag,
         }
     }
 }
 
 /// Attention of a device store: `q` and `out` (`[B, Hq, Tq, D]`, same dtype) are device
 /// tensors; the fused kernel reads the packed pages in place (split-K over pages, then one
-/// combine launch), on the backend's current stream.
+/// combine launch), on the backend's current stream. `lse`, when given, is a contiguous
+/// float32 device tensor `[B, Hq, Tq]` that receives each row's log-sum-exp (as in
+/// [`attend_lse`]).
 pub fn attend_device(
     store: &KVStore,
     layer: usize,
     q: &DevTensor,
     out: &DevTensor,
+    lse: Option<&DevTensor>,
     o: &Options,
 ) -> Result<()> {
     let Some(dev) = &store.dev else {
@@ -100,7 +110,27 @@ pub fn attend_device(
             format!("{:?} of {}", out.shape, out.dtype.name()),
         ));
     }
-    let Some((scale, qpos)) = prepare(store, layer, q.shape, o)? else {
+    if let Some(l) = lse {
+        let [b, hq, tq, _] = q.shape;
+        let want = [tq * hq, tq, 1];
+        if l.dtype != DType::F32
+            || l.shape[..3] != [b, hq, tq]
+            || l.shape[3] != 1
+            || (b * hq * tq > 1 && l.strides[..3] != want)
+        {
+            return Err(Error::shape(
+                "lse",
+                format!("a contiguous float32 [{b}, {hq}, {tq}]"),
+                format!("{:?} of {}", &l.shape[..3], l.dtype.name()),
+            ));
+        }
+    }
+    let Some(Prepared {
+        scale,
+        qpos,
+        window,
+    }) = prepare(store, layer, q.shape, o)?
+    else {
         return Ok(());
     };
     let [b, hq, tq, d] = q.shape;
@@ -166,7 +196,7 @@ pub fn attend_device(
             rotate_values: m.plan.rotate_values as i32,
             rot_half: rope.map_or(0, |r| r.half() as i32),
             causal: o.causal as i32,
-            window: o.window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
+            window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
             splits: splits as i32,
             rows_per_block: rows as i32,
             tile_tokens: tile as i32,
@@ -182,6 +212,7 @@ pub fn attend_device(
         let c = abi::RkvCombineParams {
             work,
             out: out.ptr,
+            lse: lse.map_or(0, |l| l.ptr),
             o_s: strides(out),
             batch: b as i32,
             hq: hq as i32,
@@ -294,6 +325,19 @@ pub fn attend(store: &KVStore, layer: usize, a: &AttendArgs, out: &mut OutData) 
     attend_at(simd::level(), store, layer, a, out)
 }
 
+/// [`attend`] that also writes each row's log-sum-exp of its scaled (and capped) scores,
+/// `lse: [B, Hq, Tq]` (`-inf` for a row that sees no key, whose output is 0), so that
+/// attention over disjoint key sets can be merged exactly.
+pub fn attend_lse(
+    store: &KVStore,
+    layer: usize,
+    a: &AttendArgs,
+    out: &mut OutData,
+    lse: &mut [f32],
+) -> Result<()> {
+    attend_inner(simd::level(), store, layer, a, out, Some(lse))
+}
+
 /// [`attend`] at a given SIMD level (tests compare levels).
 pub fn attend_at(
     level: Level,
@@ -301,6 +345,17 @@ pub fn attend_at(
     layer: usize,
     a: &AttendArgs,
     out: &mut OutData,
+) -> Result<()> {
+    attend_inner(level, store, layer, a, out, None)
+}
+
+fn attend_inner(
+    level: Level,
+    store: &KVStore,
+    layer: usize,
+    a: &AttendArgs,
+    out: &mut OutData,
+    mut lse: Option<&mut [f32]>,
 ) -> Result<()> {
     if store.dev.is_some() {
         return Err(Error::device(format!(
@@ -317,7 +372,21 @@ pub fn attend_at(
             out.len().to_string(),
         ));
     }
-    let Some((scale, qpos)) = prepare(store, layer, a.q.shape, &a.options())? else {
+    if let Some(l) = &lse {
+        if l.len() != b * hq * tq {
+            return Err(Error::shape(
+                "lse",
+                format!("{} elements", b * hq * tq),
+                l.len().to_string(),
+            ));
+        }
+    }
+    let Some(Prepared {
+        scale,
+        qpos,
+        window,
+    }) = prepare(store, layer, a.q.shape, &a.options())?
+    else {
         return Ok(());
     };
     let seqs = &store.layers[layer];
@@ -374,7 +443,7 @@ pub fn attend_at(
         q_int,
         qpos,
         causal: a.causal,
-        window: a.window,
+        window,
         softcap: a.softcap,
     };
     // Query blocks keep an item's rows (Hq * block) around 256; page ranges split the rest.
@@ -432,7 +501,15 @@ pub fn attend_at(
                 } else {
                     row_out.fill(0.0);
                 }
-                out.write(((it.b * hq + h) * tq + it.tq0 + t) * d, &row_out);
+                let at = (it.b * hq + h) * tq + it.tq0 + t;
+                if let Some(x) = lse.as_deref_mut() {
+                    x[at] = if l > 0.0 {
+                        acc.m[r] + l.ln()
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+                out.write(at * d, &row_out);
             }
         }
         i = j;
@@ -440,14 +517,23 @@ pub fn attend_at(
     Ok(())
 }
 
-/// Checks what every attention call takes besides the tensors' memory; returns the score
-/// scale and the query positions `[B*Tq]`, or `None` when there are no queries.
+/// What the kernels mask and scale with, after [`prepare`].
+struct Prepared {
+    scale: f32,
+    /// Query positions `[B*Tq]`, less the lag.
+    qpos: Vec<i32>,
+    /// The window about the shifted positions.
+    window: Option<usize>,
+}
+
+/// Checks what every attention call takes besides the tensors' memory; `None` when there
+/// are no queries.
 fn prepare(
     store: &KVStore,
     layer: usize,
     shape: [usize; 4],
     a: &Options,
-) -> Result<Option<(f32, Vec<i32>)>> {
+) -> Result<Option<Prepared>> {
     let m = &store.meta;
     let [b, hq, tq, d] = shape;
     if b != m.batch || d != m.d || hq == 0 || hq % m.heads != 0 {
@@ -479,6 +565,23 @@ fn prepare(
     if a.window == Some(0) {
         return Err(Error::value("window", ">= 1", "0"));
     }
+    if a.lag > 0 && !a.causal {
+        return Err(Error::value(
+            "lag",
+            "0 without causal masking",
+            a.lag.to_string(),
+        ));
+    }
+    if a.lag > i32::MAX as usize || a.window.is_some_and(|w| w <= a.lag) {
+        return Err(Error::value(
+            "lag",
+            format!(
+                "less than the window ({})",
+                a.window.unwrap_or(i32::MAX as usize)
+            ),
+            a.lag.to_string(),
+        ));
+    }
     if tq == 0 {
         return Ok(None);
     }
@@ -493,7 +596,17 @@ fn prepare(
             };
         }
     }
-    Ok(Some((scale, qpos)))
+    // Masks are all the kernels use query positions for (queries arrive with RoPE applied),
+    // so a lag is a shift of the query positions; the window shrinks by as much to keep
+    // `q_pos - k_pos < window` about the true position.
+    if a.lag > 0 {
+        qpos.iter_mut().for_each(|p| *p -= a.lag as i32);
+    }
+    Ok(Some(Prepared {
+        scale,
+        qpos,
+        window: a.window.map(|w| w - a.lag),
+    }))
 }
 
 /// Runs one work item at a SIMD level (the AVX-512 build also enables the VNNI path).

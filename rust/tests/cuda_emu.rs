@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use rotatekv::attend::attend_lse;
 use rotatekv::cuda::abi::*;
 use rotatekv::cuda::emu;
 use rotatekv::page::Page;
@@ -598,6 +599,7 @@ fn emulate_attend(
     let cp = RkvCombineParams {
         work: work.as_ptr() as u64,
         out: out.as_mut_ptr() as u64,
+        lse: 0,
         o_s: [(hq * tq * d) as i64, (tq * d) as i64, d as i64, 1],
         batch: m.batch as i32,
         hq: hq as i32,
@@ -645,6 +647,7 @@ fn check_attend(c: &Case, seed: u64) {
                 scale: Some(scale),
                 window: c.window,
                 softcap: c.softcap,
+                lag: 0,
             },
             &mut OutData::F32(&mut want),
         )
@@ -779,15 +782,23 @@ fn check_device_store(c: &Case, seed: u64) {
     for round in 0..2 {
         let q = rng.vec(c.batch * hq * c.tq * c.d, 1.0);
         let shape = [c.batch, hq, c.tq, c.d];
+        // The second round masks each query's newest keys and returns log-sum-exps.
+        let lag = if round == 1 && c.window.is_none_or(|w| w > 2) {
+            2
+        } else {
+            0
+        };
         let opts = rotatekv::attend::Options {
             positions: None,
             causal: true,
             scale: None,
             window: c.window,
             softcap: c.softcap,
+            lag,
         };
         for layer in 0..2 {
             let mut want = vec![0f32; q.len()];
+            let mut want_lse = vec![0f32; c.batch * hq * c.tq];
             let qv = View4::contiguous("q", Data::F32(&q), shape).unwrap();
             let args = AttendArgs {
                 q: qv,
@@ -796,14 +807,24 @@ fn check_device_store(c: &Case, seed: u64) {
                 scale: None,
                 window: c.window,
                 softcap: c.softcap,
+                lag,
             };
-            attend(&cpu, layer, &args, &mut OutData::F32(&mut want)).unwrap();
+            attend_lse(
+                &cpu,
+                layer,
+                &args,
+                &mut OutData::F32(&mut want),
+                &mut want_lse,
+            )
+            .unwrap();
             let got = vec![0f32; q.len()];
+            let got_lse = vec![0f32; want_lse.len()];
             rotatekv::attend::attend_device(
                 &dev,
                 layer,
                 &dev_tensor(&q, shape),
                 &dev_tensor(&got, shape),
+                Some(&dev_tensor(&got_lse, [c.batch, hq, c.tq, 1])),
                 &opts,
             )
             .unwrap();
@@ -816,6 +837,12 @@ fn check_device_store(c: &Case, seed: u64) {
                 err < 1e-4,
                 "{c:?} round {round} layer {layer}: max error {err}"
             );
+            for (g, w) in got_lse.iter().zip(&want_lse) {
+                assert!(
+                    (g == w) || (g - w).abs() < 1e-4 * w.abs().max(1.0),
+                    "{c:?} round {round} layer {layer}: lse {g} != {w}"
+                );
+            }
         }
         if round == 0 {
             // Beam-search reorder (pages shared, then copied on write), one more token,
@@ -904,6 +931,7 @@ fn host_calls_on_a_device_store_are_refused() {
         scale: None,
         window: None,
         softcap: None,
+        lag: 0,
     };
     assert!(matches!(
         attend(&d, 0, &args, &mut OutData::F32(&mut out)),

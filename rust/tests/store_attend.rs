@@ -1,6 +1,6 @@
 //! The store and the fused attention against plain references, on fresh random inputs.
 
-use rotatekv::attend::attend_at;
+use rotatekv::attend::{attend_at, attend_lse};
 use rotatekv::quant::quantize_group_ref;
 use rotatekv::simd::{available_levels, f16_to_f32};
 use rotatekv::*;
@@ -8,7 +8,8 @@ use rotatekv::*;
 mod common;
 use common::{chunk, rope_for, Rng};
 
-/// Float64 attention over the store's own dequantized tokens.
+/// Float64 attention over the store's own dequantized tokens: outputs `[B, Hq, Tq, D]` and
+/// log-sum-exps `[B, Hq, Tq]`.
 #[allow(clippy::too_many_arguments)]
 fn reference(
     store: &KVStore,
@@ -20,11 +21,13 @@ fn reference(
     scale: f32,
     window: Option<usize>,
     softcap: Option<f32>,
-) -> Vec<f32> {
+    lag: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let m = &store.meta;
     let (hkv, d) = (m.heads, m.d);
     let gqa = hq / hkv;
     let mut out = vec![0f32; m.batch * hq * tq * d];
+    let mut lse = vec![f32::NEG_INFINITY; m.batch * hq * tq];
     for b in 0..m.batch {
         let (pos, mut k, v) = store.dequantize(layer, b);
         if m.plan.mode == Mode::PreRope {
@@ -41,7 +44,8 @@ fn reference(
                 let qp = qpos[b * tq + t];
                 let mut s = vec![f64::NEG_INFINITY; n];
                 for (j, sj) in s.iter_mut().enumerate() {
-                    let vis = pos[j] <= qp && window.is_none_or(|w| ((qp - pos[j]) as usize) < w);
+                    let vis = (pos[j] as i64) <= qp as i64 - lag as i64
+                        && window.is_none_or(|w| ((qp - pos[j]) as usize) < w);
                     if !vis {
                         continue;
                     }
@@ -59,6 +63,7 @@ fn reference(
                 }
                 let p: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
                 let l: f64 = p.iter().sum();
+                lse[qo / d] = (mx + l.ln()) as f32;
                 for c in 0..d {
                     let acc: f64 = (0..n)
                         .map(|j| p[j] * v[(j * hkv + kh) * d + c] as f64)
@@ -68,7 +73,7 @@ fn reference(
             }
         }
     }
-    out
+    (out, lse)
 }
 
 #[derive(Debug, Clone)]
@@ -90,6 +95,8 @@ struct Case {
     valid: bool,
     window: Option<usize>,
     softcap: Option<f32>,
+    /// Keys within this many positions of the query are masked.
+    lag: usize,
     mixed_bits: bool,
     partial_rope: bool,
 }
@@ -161,7 +168,7 @@ fn check(case: &Case, seed: u64) {
     let q = rng.vec(case.batch * hq * case.tq * case.d, 1.0);
     let scale = 0.7 / (case.d as f32).sqrt();
     for layer in 0..2 {
-        let want = reference(
+        let (want, want_lse) = reference(
             &store,
             layer,
             &q,
@@ -171,6 +178,7 @@ fn check(case: &Case, seed: u64) {
             scale,
             case.window,
             case.softcap,
+            case.lag,
         );
         for &level in &available_levels() {
             let mut got = vec![0f32; want.len()];
@@ -183,6 +191,7 @@ fn check(case: &Case, seed: u64) {
                 scale: Some(scale),
                 window: case.window,
                 softcap: case.softcap,
+                lag: case.lag,
             };
             attend_at(level, &store, layer, &args, &mut OutData::F32(&mut got)).unwrap();
             let worst = got
@@ -194,6 +203,21 @@ fn check(case: &Case, seed: u64) {
                 worst < 2e-4,
                 "{case:?} seed {seed} layer {layer} {level:?}: max error {worst}"
             );
+            if level == simd::level() {
+                let mut lse = vec![0f32; want_lse.len()];
+                attend_lse(&store, layer, &args, &mut OutData::F32(&mut got), &mut lse).unwrap();
+                for (i, (g, w)) in lse.iter().zip(&want_lse).enumerate() {
+                    let ok = if *w == f32::NEG_INFINITY {
+                        *g == f32::NEG_INFINITY
+                    } else {
+                        (g - w).abs() < 1e-4 * w.abs().max(1.0)
+                    };
+                    assert!(
+                        ok,
+                        "{case:?} seed {seed} layer {layer}: lse[{i}] {g} != {w}"
+                    );
+                }
+            }
         }
     }
 }
@@ -217,6 +241,7 @@ fn base() -> Case {
         valid: false,
         window: None,
         softcap: None,
+        lag: 0,
         mixed_bits: false,
         partial_rope: false,
     }
@@ -342,6 +367,34 @@ fn protect_valid_mixed_bits_window_softcap_multi_token() {
             mixed_bits: true,
             layout: KeyLayout::PerChannel,
             chunks: vec![80, 1],
+            ..base()
+        },
+        // Recent keys masked (the hf prefill's older part): rows whose keys are all recent
+        // see nothing (output 0, lse -inf); with a window, with per-channel keys.
+        Case {
+            tq: 37,
+            chunks: vec![37],
+            lag: 5,
+            residual: 8,
+            ..base()
+        },
+        Case {
+            tq: 23,
+            chunks: vec![50, 23],
+            lag: 32,
+            window: Some(40),
+            protect: true,
+            gqa: 3,
+            ..base()
+        },
+        Case {
+            tq: 9,
+            chunks: vec![70, 9],
+            lag: 3,
+            layout: KeyLayout::PerChannel,
+            residual: 32,
+            mode: Mode::PostRope,
+            valid: true,
             ..base()
         },
     ];

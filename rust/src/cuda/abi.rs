@@ -194,6 +194,7 @@ pub struct RkvAttendParams {
 pub struct RkvCombineParams {
     pub work: u64,
     pub out: u64,
+    pub lse: u64,
     pub o_s: [i64; 4],
     pub batch: i32,
     pub hq: i32,
@@ -316,7 +317,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<RkvAppendParams>(), 72 + 5 * 72);
         assert_eq!(std::mem::size_of::<RkvChannelParams>(), 40 + 5 * 72);
         assert_eq!(std::mem::size_of::<RkvAttendParams>(), 176 + 5 * 72);
-        assert_eq!(std::mem::size_of::<RkvCombineParams>(), 80);
+        assert_eq!(std::mem::size_of::<RkvCombineParams>(), 88);
         assert_eq!(std::mem::size_of::<RkvFwhtParams>(), 40);
     }
 }

@@ -12,7 +12,7 @@ use super::buffers::{borrow, Borrow};
 use super::device::{backend_for, dev_tensor, guard, use_torch_stream};
 use super::dlpack::export_page;
 use super::errors::{arg_err, dtype_err, shape_err, to_py};
-use crate::attend::{attend, AttendArgs};
+use crate::attend::{attend, attend_lse, AttendArgs};
 use crate::page::{FpFormat, Page};
 use crate::rope::Rope;
 use crate::rotation::{Mode, RotationPlan};
@@ -735,6 +735,9 @@ fn seq_arg(o: &Bound<'_, PyAny>) -> PyResult<i64> {
 fn window_arg(o: &Bound<'_, PyAny>) -> PyResult<Option<i64>> {
     opt_int_named(o, "window")
 }
+fn lag_arg(o: &Bound<'_, PyAny>) -> PyResult<i64> {
+    int_named(o, "lag")
+}
 fn max_tokens_obj(o: &Bound<'_, PyAny>) -> PyResult<Option<i64>> {
     opt_int_named(o, "max_tokens")
 }
@@ -920,8 +923,9 @@ impl PyStore {
         rk(py, res)
     }
 
-    /// Attention of `q: [B, Hq, Tq, D]` over `layer`; returns `[B, Hq, Tq, D]` of q's type.
-    #[pyo3(signature = (layer, q, positions=None, causal=true, scale=None, window=None, softcap=None))]
+    /// Attention of `q: [B, Hq, Tq, D]` over `layer`; returns `[B, Hq, Tq, D]` of q's type,
+    /// and with `return_lse` also each row's log-sum-exp `float32 [B, Hq, Tq]`.
+    #[pyo3(signature = (layer, q, positions=None, causal=true, scale=None, window=None, softcap=None, lag=0, return_lse=false))]
     #[allow(clippy::too_many_arguments)]
     fn attend<'py>(
         &self,
@@ -933,11 +937,17 @@ impl PyStore {
         scale: Option<f64>,
         #[pyo3(from_py_with = window_arg)] window: Option<i64>,
         softcap: Option<f64>,
+        #[pyo3(from_py_with = lag_arg)] lag: i64,
+        return_lse: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (batch, heads, d) = {
             let s = self.read();
             (s.meta.batch, s.meta.heads, s.meta.d)
         };
+        if lag < 0 {
+            return Err(arg_err(py, format!("lag: expected an int >= 0, got {lag}")));
+        }
+        let lag = lag as usize;
         let layer = rk(py, self.read().check_layer(layer))?;
         let dev = self.read().dev.as_ref().map(|x| x.backend.clone());
         if let Some(backend) = dev {
@@ -973,19 +983,40 @@ impl PyStore {
             };
             let out_obj = q.call_method1("new_empty", (PyTuple::new(py, qd.shape)?,))?;
             let od = dev_tensor(&out_obj, "out", &name)?;
+            let [b, hq, tq, _] = qd.shape;
+            let lse_obj = if return_lse {
+                let kw = PyDict::new(py);
+                kw.set_item("dtype", py.import("torch")?.getattr("float32")?)?;
+                Some(q.call_method("new_empty", (PyTuple::new(py, [b, hq, tq, 1])?,), Some(&kw))?)
+            } else {
+                None
+            };
+            let ld = match &lse_obj {
+                Some(l) => Some(dev_tensor(l, "lse", &name)?),
+                None => None,
+            };
             let o = crate::attend::Options {
                 positions: pos.as_deref(),
                 causal,
                 scale: scale.map(|s| s as f32),
                 window: window.map(|w| w as usize),
                 softcap: softcap.map(|s| s as f32),
+                lag,
             };
             use_torch_stream(py, &backend)?;
             let res = py.detach(|| {
-                guard(|| crate::attend::attend_device(&self.read(), layer, &qd, &od, &o))
+                guard(|| {
+                    crate::attend::attend_device(&self.read(), layer, &qd, &od, ld.as_ref(), &o)
+                })
             });
             rk(py, res)?;
-            return Ok(out_obj);
+            return match lse_obj {
+                Some(l) => {
+                    let l = l.call_method1("squeeze", (3,))?;
+                    Ok(PyTuple::new(py, [out_obj, l])?.into_any())
+                }
+                None => Ok(out_obj),
+            };
         }
         let qb = borrow(&q, "q")?;
         let qv = qb.view4(
@@ -1019,14 +1050,39 @@ impl PyStore {
             scale: scale.map(|s| s as f32),
             window: window.map(|w| w as usize),
             softcap: softcap.map(|s| s as f32),
+            lag,
         };
         let mut out = ob.out();
+        let mut lse = vec![
+            0f32;
+            if return_lse {
+                qv.shape[0] * qv.shape[1] * tq
+            } else {
+                0
+            }
+        ];
         let res = py.detach(|| {
             let s = self.read();
-            attend(&s, layer, &args, &mut out)
+            if return_lse {
+                attend_lse(&s, layer, &args, &mut out, &mut lse)
+            } else {
+                attend(&s, layer, &args, &mut out)
+            }
         });
         rk(py, res)?;
-        Ok(out_obj)
+        if !return_lse {
+            return Ok(out_obj);
+        }
+        let arr = lse
+            .to_pyarray(py)
+            .reshape([qv.shape[0], qv.shape[1], tq])?
+            .into_any();
+        let arr = if qb.is_torch {
+            py.import("torch")?.call_method1("from_numpy", (arr,))?
+        } else {
+            arr
+        };
+        Ok(PyTuple::new(py, [out_obj, arr])?.into_any())
     }
 
     /// Tokens stored per sequence in `layer`.

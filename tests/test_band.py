@@ -1,0 +1,77 @@
+"""The prefill's recent-token attention (rotatekv._band) against a dense float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rotatekv._band import band_attention, merge
+
+
+def dense(q, k, v, qpos, kpos, kvalid, recent, scale, window, softcap, lag=0):
+    """Float64 attention with explicit masks: key j is visible to query i iff valid and
+    ``lag <= qpos - kpos < recent`` (and ``< window``)."""
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    sc = torch.einsum("bhtd,bhsd->bhts", q.double(), kk) * scale
+    if softcap is not None:
+        sc = softcap * torch.tanh(sc / softcap)
+    diff = qpos[:, :, None] - kpos[:, None, :]
+    vis = (diff >= lag) & (diff < recent) & kvalid[:, None, :]
+    if window is not None:
+        vis &= diff < window
+    sc = sc.masked_fill(~vis[:, None], float("-inf"))
+    lse = torch.logsumexp(sc, -1)
+    return torch.softmax(sc, -1).nan_to_num(0.0) @ vv, lse
+
+
+@pytest.mark.parametrize(
+    "b,hkv,g,t,front,d,recent,window,softcap",
+    [
+        (2, 2, 3, 37, 0, 16, 8, None, None),
+        (1, 1, 1, 5, 3, 8, 4, None, 2.0),
+        (3, 2, 2, 50, 31, 32, 32, 40, None),
+        (2, 1, 2, 1, 7, 8, 8, None, None),
+        (1, 2, 1, 64, 70, 16, 16, 9, 3.0),
+        (2, 3, 1, 17, 2, 24, 1, None, None),
+    ],
+)
+def test_band_attention_matches_dense_reference(
+    gen, b, hkv, g, t, front, d, recent, window, softcap
+):
+    s = front + t
+    q = torch.randn(b, hkv * g, t, d, generator=gen)
+    k = torch.randn(b, hkv, s, d, generator=gen)
+    v = torch.randn(b, hkv, s, d, generator=gen)
+    kpos = torch.arange(s).expand(b, s) + torch.randint(0, 3, (b, 1), generator=gen)
+    kvalid = torch.rand(b, s, generator=gen) > 0.2
+    kvalid[0, -t:] = False  # a row of queries whose own keys are all padding
+    qpos = kpos[:, front:]
+    out, lse = band_attention(q, k, v, qpos, kpos, kvalid, recent, 0.3, window, softcap)
+    want, want_lse = dense(q, k, v, qpos, kpos, kvalid, recent, 0.3, window, softcap)
+    assert out.dtype == torch.float32 and out.shape == q.shape and lse.shape == q.shape[:3]
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
+    seen = ~torch.isneginf(want_lse)
+    torch.testing.assert_close(lse[seen].double(), want_lse[seen], rtol=1e-5, atol=1e-5)
+
+
+def test_merge_of_disjoint_parts_is_the_whole_attention(gen):
+    """Recent keys (band) merged with older keys (``lag``) and a part that sees nothing give
+    the attention over all keys."""
+    b, h, t, d, r = 2, 2, 23, 16, 5
+    q = torch.randn(b, h, t, d, generator=gen)
+    k = torch.randn(b, h, t, d, generator=gen)
+    v = torch.randn(b, h, t, d, generator=gen)
+    pos = torch.arange(t).expand(b, t)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    big = 10**6
+    whole, _ = dense(q, k, v, pos, pos, valid, big, 0.25, None, None)
+    near = dense(q, k, v, pos, pos, valid, r, 0.25, None, None)
+    far = dense(q, k, v, pos, pos, valid, big, 0.25, None, None, lag=r)
+    nothing = dense(q, k, v, pos, pos, valid & False, big, 0.25, None, None)
+    out, lse = merge(*near, *far)
+    out, lse = merge(*nothing, out, lse)
+    torch.testing.assert_close(out.double(), whole, rtol=1e-6, atol=1e-6)
+    none, lse0 = merge(*nothing, *nothing)
+    assert torch.equal(none, torch.zeros_like(none)) and torch.isneginf(lse0).all()

@@ -361,3 +361,33 @@ def test_default_2bit_method_ranks_and_widens_layers() -> None:
     plan = E.fit_args(E.METHODS["rotatekv2"])
     assert "wider" not in plan and plan["bits"] == 2
     assert E.METHODS["rotatekv2"].plan["wider"] == {"bits": 3, "fraction": E.WIDER_FRACTION}
+
+
+def test_calibrate_with_wider_layers() -> None:
+    m = tiny("llama", seed=2)
+    w = ids(2, 48, seed=7)
+    kw = dict(n_queries=16, progress=False, clip="fixed")
+    cal = C.calibrate(m, w, bits=2, wider_fraction=0.5, **kw)
+    assert sorted(cal.layer_bits) == [2, 3] and cal.settings["wider_fraction"] == 0.5
+    assert C.calibrate(m, w, bits=2, **kw).layer_bits is None
+    with pytest.raises(rotatekv.ArgumentError, match="wider_fraction: needs bits 2 or 3"):
+        C.calibrate(m, w, bits=4, wider_fraction=0.5, **kw)
+    with pytest.raises(rotatekv.ArgumentError, match="windows"):
+        C.calibrate(m, w.float(), bits=2, **kw)
+
+
+def test_calibrate_cli_on_the_default_model(tmp_path, capsys) -> None:
+    """``rotatekv calibrate`` at 2 bits widens 45% of the layers by default (13 of 30)."""
+    pytest.importorskip("gguf")
+    from rotatekv.cli import main
+
+    out = tmp_path / "c.safetensors"
+    argv = ["calibrate", "--windows", "2", "--window-len", "64", "--clip", "fixed"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "saved" in capsys.readouterr().out
+    from rotatekv import models
+
+    model, _ = models.load()
+    cal = C.Calibration.load(out, model)
+    assert cal.layer_bits is not None and cal.layer_bits.count(3) == 13
+    assert cal.layer_bits.count(2) == 17

@@ -164,6 +164,15 @@ def run_parity(dev: str, dev_t: str, mode: str, cfg: dict, extra: dict, seed: in
                 )
                 err = (got.float().cpu() - ref).abs().max().item()
                 assert err < tol, (mode, cfg, dtype, tq, err)
+    # Each query's 3 newest keys masked, log-sum-exps returned (the transformers prefill).
+    q = torch.randn(2, 4, 6, 64, generator=g)
+    for layer in range(2):
+        want, want_lse = cpu.attend(layer, q, lag=3, window=17, return_lse=True)
+        got, lse = other.attend(layer, q.to(dev_t), lag=3, window=17, return_lse=True)
+        assert lse.dtype == torch.float32 and lse.shape == (2, 4, 6)
+        assert lse.device.type == torch.device(dev_t).type
+        assert (got.cpu() - want).abs().max().item() < 1e-4
+        torch.testing.assert_close(lse.cpu(), want_lse, rtol=1e-5, atol=1e-5)
     # Beam reorder (shared pages copied on write), one more token, truncate, save/load.
     idx = torch.tensor([1, 0])
     cpu.reorder(idx)

@@ -15,6 +15,7 @@ import rotatekv
 from reference import (
     QUANT_BITS,
     apply_rope,
+    assert_same_snapshot,
     attend_reference,
     default_inv_freq,
     fp_round,
@@ -24,6 +25,7 @@ from reference import (
     quantize_groups,
     quantize_per_channel,
     sdpa,
+    snapshot,
     sorted_by_position,
     tokens,
     tolerance,
@@ -767,6 +769,7 @@ def test_attend_lag_is_checked(gen):
     k, v = make_kv(gen, 1, 2, 10, 64)
     s.append(0, k, v)
     q = torch.randn(1, 2, 3, 64, generator=gen)
+    before = snapshot(s, q)
     with pytest.raises(rotatekv.ArgumentError, match="lag: expected an int >= 0"):
         s.attend(0, q, lag=-1)
     with pytest.raises(rotatekv.ArgumentError, match="lag: expected 0 without causal"):
@@ -776,6 +779,7 @@ def test_attend_lag_is_checked(gen):
     with pytest.raises(rotatekv.DTypeError, match="lag: expected an int"):
         s.attend(0, q, lag=1.5)
     # Refused calls change nothing; a lag beyond every query sees nothing.
+    assert_same_snapshot(before, snapshot(s, q))
     out, lse = s.attend(0, q, lag=100, return_lse=True)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
 

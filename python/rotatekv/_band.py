@@ -34,8 +34,8 @@ def band_attention(
     """Attention of ``q [B, Hq, T, D]`` to the keys ``k, v [B, Hkv, S, D]`` (``S >= T``; the
     queries are the last ``T`` slots) that are at most ``recent - 1`` positions older:
     ``0 <= qpos - kpos < recent`` (and ``< window``), ``kvalid`` true. Positions are
-    ``[B, T]`` and ``[B, S]``; key slot ``S - T + i`` holds query ``i``'s own token, and the
-    keys a query may see lie in the ``recent`` slots ending there.
+    ``[B, T]`` and ``[B, S]``, rising by at least 1 per slot; key slot ``S - T + i`` holds
+    query ``i``'s own token, so the keys it may see lie in the ``recent`` slots ending there.
 
     Returns ``(out float32 [B, Hq, T, D], lse float32 [B, Hq, T])``; a row that sees no key
     has output 0 and ``lse = -inf``."""
@@ -66,7 +66,8 @@ def band_attention(
     kv = pad(kvalid.to(torch.bool), 1, False).unfold(1, 2 * r, r)
     qf = torch.cat([q.float(), q.new_zeros(b, hq, tail, d, dtype=torch.float32)], 2)
     qf = qf.view(b, hkv, g, nb, r, d)
-    qp = torch.cat([qpos.to(torch.int64), qpos.new_full((b, tail), -_FAR)], 1).view(b, nb, r)
+    qp = torch.cat([qpos.to(torch.int64), qpos.new_full((b, tail), -_FAR, dtype=torch.int64)], 1)
+    qp = qp.view(b, nb, r)
     sc = torch.einsum("bhgjqd,bhjdk->bhgjqk", qf, kf) * scale
     if softcap is not None:
         sc = softcap * torch.tanh(sc / softcap)

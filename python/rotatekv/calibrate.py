@@ -453,15 +453,31 @@ def calibrate(
     windows: torch.Tensor,
     n_queries: int = 128,
     progress: bool = True,
+    wider_fraction: float = 0.0,
+    config: QuantConfig | None = None,
+    rank_windows: int = 4,
     **fit_args: Any,
 ) -> Calibration:
-    """:func:`collect` then :func:`fit`."""
+    """:func:`collect` then :func:`fit`; with ``wider_fraction`` > 0 also a fit at one more
+    bit and :func:`promote` of that share of layers, ranked on the first ``rank_windows``
+    windows with ``config`` (default: the fit's bits, 32 recent tokens, as ``rotatekv2``)."""
     if windows.ndim != 2 or windows.dtype != torch.int64:
         raise ArgumentError(
             f"windows: expected int64 token ids [W, T], got {windows.dtype} {tuple(windows.shape)}"
         )
+    bits = int(fit_args.get("bits", 2))
+    if not 0.0 <= wider_fraction <= 1.0:
+        raise ArgumentError(f"wider_fraction: expected a value in [0, 1], got {wider_fraction}")
+    if wider_fraction > 0 and bits not in (2, 3):
+        raise ArgumentError(f"wider_fraction: needs bits 2 or 3 (one more bit), got bits={bits}")
     data = collect(model, windows, n_queries=n_queries, progress=progress)
-    return fit(data, model_spec(model), progress=progress, **fit_args)
+    spec = model_spec(model)
+    cal = fit(data, spec, progress=progress, **fit_args)
+    if wider_fraction <= 0:
+        return cal
+    wider = fit(data, spec, progress=progress, **{**fit_args, "bits": bits + 1})
+    cfg = config or QuantConfig(bits=bits, residual=32)
+    return promote(model, cal, wider, windows[:rank_windows], cfg, wider_fraction, progress)
 
 
 def with_layer_bits(cal: Calibration, wider: Calibration, layers: Sequence[int]) -> Calibration:
@@ -549,9 +565,7 @@ def promote(
     if not 0.0 <= fraction <= 1.0:
         raise ArgumentError(f"fraction: expected a value in [0, 1], got {fraction}")
     k = int(fraction * cal.plan.num_layers)
-    if k == 0:
-        return with_layer_bits(cal, wider, [])
-    ranked = rank_layers(model, cal, wider, windows, config, progress=progress)
+    ranked = rank_layers(model, cal, wider, windows, config, progress=progress) if k else []
     out = with_layer_bits(cal, wider, [i for i, _ in ranked[:k]])
     out.settings["wider_fraction"] = fraction
     out.report = [dict(e) for e in out.report]
@@ -570,4 +584,14 @@ def describe(cal: Calibration) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Calibration", "LayerData", "calibrate", "collect", "fake_quant", "fit"]
+__all__ = [
+    "Calibration",
+    "LayerData",
+    "calibrate",
+    "collect",
+    "fake_quant",
+    "fit",
+    "promote",
+    "rank_layers",
+    "with_layer_bits",
+]

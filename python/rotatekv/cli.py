@@ -74,30 +74,28 @@ def run_calibrate(args: argparse.Namespace) -> int:
     """``rotatekv calibrate``: fit a plan and sink rule, save them to one file."""
     from . import QuantConfig, models, text
     from . import calibrate as cal_mod
-    from .hf import model_spec
+    from . import eval as ev
 
     _positive("windows", args.windows)
-    if args.wider_fraction > 0 and args.bits not in (2, 3):
-        raise SystemExit("rotatekv calibrate: --wider-fraction needs --bits 2 or 3")
     model, tok = models.load(args.model)
     docs = text.load_texts(args.text)
     _, calib = text.split_windows(tok, docs, 0, args.windows, args.window_len)
-    fit_args = dict(
+    cal = cal_mod.calibrate(
+        model,
+        calib,
+        bits=args.bits,
         mode=args.mode,
         reorder=args.reorder,
         clip=args.clip if args.clip in ("search", "fixed") else float(args.clip),
         sinks=not args.no_sinks,
         key_layout=args.key_layout,
+        wider_fraction=(
+            args.wider_fraction
+            if args.wider_fraction is not None
+            else (ev.WIDER_FRACTION if args.bits == 2 else 0.0)
+        ),
+        config=QuantConfig(bits=args.bits, residual=args.residual),
     )
-    data = cal_mod.collect(model, calib)
-    spec = model_spec(model)
-    cal = cal_mod.fit(data, spec, bits=args.bits, **fit_args)
-    if args.wider_fraction > 0:
-        # Layers that gain most from one more bit (ranked on the calibration windows, with
-        # the recent window the store will use) are stored at bits + 1.
-        wider = cal_mod.fit(data, spec, bits=args.bits + 1, **fit_args)
-        cfg = QuantConfig(bits=args.bits, residual=args.residual)
-        cal = cal_mod.promote(model, cal, wider, calib[:4], cfg, args.wider_fraction)
     cal.save(args.out)
     print(cal_mod.describe(cal))
     print(f"saved {args.out}")
@@ -135,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument(
         "--wider-fraction",
         type=float,
-        default=0.0,
-        help="share of layers stored at bits + 1 (rotatekv2's default: 0.45)",
+        default=None,
+        help="share of layers stored at bits + 1 (default: 0.45 at 2 bits, as rotatekv2)",
     )
     cal.add_argument(
         "--residual",

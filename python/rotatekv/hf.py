@@ -16,6 +16,13 @@ standard rotary attention works unchanged):
    padding mask (handed over by the registered mask function); it appends the chunk to the
    store (padding dropped through ``valid``), then runs the fused attention over the packed
    store, causal by position, with the layer's sliding window, soft-cap and scaling.
+4. with a recent window of ``R`` tokens (``QuantConfig.residual``), a multi-token chunk gives
+   each query its ``R`` newest tokens in 16 bits, as decode does: those in the chunk from the
+   chunk, those before it from the store's window (read before the chunk is appended), the
+   older ones packed (``attend(..., lag=R, return_lse=True)``), merged by log-sum-exp
+   (:mod:`rotatekv._band`). A one-pass prefill and token-by-token decoding thus see the same
+   precision (with per-channel keys, decode also keeps the tokens of an unfilled block in 16
+   bits, up to ``page_tokens - 1`` more, which a prefill reads packed).
 
 Tested against transformers 5.24.0 (see README).
 """
@@ -416,14 +423,21 @@ def _attention(
         bits = torch.full((b, t), lb[h.layer], dtype=torch.int64)
     tq = query.shape[2]
     qpos = h.positions if position_ids is None else position_ids.to(torch.int64).expand(b, tq)
-    att = functools.partial(
-        store.attend, layer, query, positions=qpos, causal=True, scale=scaling, softcap=softcap
-    )
     # A chunk's queries read their newest `r` tokens in 16 bits, as decode does (where the
     # store's recent window holds them): the ones before the chunk from that window, before
     # the chunk drains it, the chunk's own from the chunk; the older ones from the packed
-    # store. Softmax parts merge by log-sum-exp (rotatekv._band).
+    # store. Softmax parts merge by log-sum-exp (rotatekv._band), in float32, so the output
+    # is rounded to the model's dtype once.
     r = h.cache.recent(h.layer) if tq > 1 else 0
+    att = functools.partial(
+        store.attend,
+        layer,
+        query.float() if r else query,
+        positions=qpos,
+        causal=True,
+        scale=scaling,
+        softcap=softcap,
+    )
     before = None
     if r > 0 and h.cache.layers[h.layer].slots > 0:
         before = att(window=min(r, sliding_window or r), return_lse=True)

@@ -97,7 +97,7 @@ METHODS: dict[str, Method] = {
             2,
             QuantConfig(bits=2, residual=DEFAULT_RESIDUAL),
             _ours(2),
-            "ours: calibrated + sinks + recent window",
+            "ours: calibrated, sinks, 32 recent, 45% of layers at 3 bits",
         ),
         Method(
             "rotatekv3",

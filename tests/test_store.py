@@ -575,18 +575,9 @@ def build_and_check(
         arg = qpos.tolist()
         qpos = qpos[None].expand(batch, tq)
     rope = (inv_freq, rope_scaling) if mode == "pre_rope" else None
+    opts = dict(positions=arg, causal=causal, scale=scale, window=window, softcap=softcap)
     for layer in range(layers):
-        got, lse = store.attend(
-            layer,
-            q,
-            positions=arg,
-            causal=causal,
-            scale=scale,
-            window=window,
-            softcap=softcap,
-            lag=lag,
-            return_lse=True,
-        )
+        got, lse = store.attend(layer, q, **opts, lag=lag, return_lse=True)
         assert got.dtype == q_dtype and got.shape == q.shape
         assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
         want, want_lse = attend_reference(
@@ -609,18 +600,7 @@ def build_and_check(
         tol = 2e-4 if q_dtype == torch.float32 else 2e-2
         torch.testing.assert_close(lse[seen].double(), want_lse[seen], rtol=tol, atol=tol)
         if lag == 0:
-            assert torch.equal(
-                got,
-                store.attend(
-                    layer,
-                    q,
-                    positions=arg,
-                    causal=causal,
-                    scale=scale,
-                    window=window,
-                    softcap=softcap,
-                ),
-            )
+            assert torch.equal(got, store.attend(layer, q, **opts))
 
 
 def test_the_attention_reference_detects_a_one_code_change(gen):

@@ -475,9 +475,27 @@ def calibrate(
     cal = fit(data, spec, progress=progress, **fit_args)
     if wider_fraction <= 0:
         return cal
-    wider = fit(data, spec, progress=progress, **{**fit_args, "bits": bits + 1})
     cfg = config or QuantConfig(bits=bits, residual=32)
-    return promote(model, cal, wider, windows[:rank_windows], cfg, wider_fraction, progress)
+    return fit_wider(
+        model, cal, data, windows[:rank_windows], cfg, wider_fraction, progress, **fit_args
+    )
+
+
+def fit_wider(
+    model: torch.nn.Module,
+    cal: Calibration,
+    data: Sequence[LayerData],
+    windows: torch.Tensor,
+    config: QuantConfig,
+    fraction: float,
+    progress: bool = True,
+    **fit_args: Any,
+) -> Calibration:
+    """``cal`` (a :func:`fit` with ``fit_args``) with a ``fraction`` of its layers at one
+    more bit: a second fit at that width, then :func:`promote` ranked on ``windows``."""
+    bits = int(cal.settings["bits"]) + 1
+    wider = fit(data, model_spec(model), progress=progress, **{**fit_args, "bits": bits})
+    return promote(model, cal, wider, windows, config, fraction, progress)
 
 
 def with_layer_bits(cal: Calibration, wider: Calibration, layers: Sequence[int]) -> Calibration:
@@ -591,6 +609,7 @@ __all__ = [
     "collect",
     "fake_quant",
     "fit",
+    "fit_wider",
     "promote",
     "rank_layers",
     "with_layer_bits",

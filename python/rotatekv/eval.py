@@ -25,7 +25,7 @@ import torch
 from . import QuantConfig, RotationPlan
 from . import hf as rh
 from ._rotatekv import ArgumentError
-from .calibrate import Calibration, LayerData, collect, fit, promote
+from .calibrate import Calibration, LayerData, collect, fit, fit_wider
 from .hf import ModelSpec
 
 
@@ -160,9 +160,10 @@ def build(
         return cal, cfg
     if model is None or calib is None:
         raise ArgumentError(f"methods: {method.name} needs the model and calibration windows")
-    wider = fit(data, spec, progress=progress, **{**fit_args(method), "bits": wide["bits"]})
+    assert wide["bits"] == method.bits + 1
+    args = fit_args(method)
     ranked = calib[:RANK_WINDOWS]
-    return promote(model, cal, wider, ranked, cfg, wide["fraction"], progress=progress), cfg
+    return fit_wider(model, cal, data, ranked, cfg, wide["fraction"], progress, **args), cfg
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor, protocol: str) -> tuple[torch.Tensor, Any]:

@@ -613,3 +613,51 @@ def assert_same_snapshot(a: dict[str, object], b: dict[str, object]) -> None:
     if "attend" in a:
         for xa, xb in zip(a["attend"], b["attend"], strict=True):
             assert torch.equal(xa, xb)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention mass (saliency.rs docs)
+# --------------------------------------------------------------------------------------------
+
+
+def attention_mass_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_valid: torch.Tensor | None = None,
+    prior_lse: torch.Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+    lag: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dense float64 attention probabilities (the full map), summed per key: the mass each
+    key gets from queries at distance >= lag, those queries' count, and each query's
+    log-sum-exp over visible keys and the prior."""
+    qd, kd = q.double().numpy(), k.double().numpy()
+    hq, d = qd.shape[1], qd.shape[3]
+    hkv = kd.shape[1]
+    sc = d**-0.5 if scale is None else scale
+    kx = np.repeat(kd, hq // hkv, axis=1)  # [B, Hq, Tk, D]
+    s = np.einsum("bhqd,bhkd->bhqk", qd, kx) * sc
+    if softcap is not None:
+        s = softcap * np.tanh(s / softcap)
+    dist = q_pos.numpy()[:, :, None] - k_pos.numpy()[:, None, :]  # [B, Tq, Tk]
+    vis = dist >= 0
+    if window is not None:
+        vis &= dist < window
+    if k_valid is not None:
+        vis &= k_valid.numpy()[:, None, :]
+    s = np.where(vis[:, None], s, -np.inf)
+    parts = [s]
+    if prior_lse is not None:
+        parts.append(prior_lse.double().numpy()[..., None])
+    full = np.concatenate(parts, -1)
+    with np.errstate(divide="ignore"):
+        lse = np.log(np.exp(full).sum(-1))  # [B, Hq, Tq]
+        p = np.exp(s - lse[..., None])
+    p = np.nan_to_num(p)
+    counted = vis & (dist >= lag)
+    mass = (p * counted[:, None]).sum(axis=(1, 2))
+    return mass, counted.sum(1), lse

@@ -207,10 +207,42 @@ def test_evaluate_rows_and_json(tmp_path) -> None:
     doc = json.loads(out.read_text())
     assert set(doc) == {"model", "text", "windows", "window_len", "results"}
     assert set(doc["results"][0]) == {
-        "method", "protocol", "bits", "effective_bits", "kv_bytes", "ppl", "delta_ppl", "kl",
-        "seconds",
+        "method", "protocol", "bits", "effective_bits", "settled_bits", "kv_bytes", "ppl",
+        "delta_ppl", "kl", "seconds",
     }  # fmt: skip
     assert "| rtn2 | fake |" in E.table(rows)
+
+
+def test_policy_methods_meet_rotatekv2s_budget() -> None:
+    """akvq and saliency reuse rotatekv2's calibration and, by default, spend its settled
+    effective bits on the same windows; --budget overrides it."""
+    assert E.parse_methods("akvq,kivi2") == ["fp16", "rotatekv2", "akvq", "kivi2"]
+    assert E.parse_methods("saliency,rotatekv2")[:2] == ["fp16", "rotatekv2"]
+    m = tiny("llama")
+    w = ids(2, 64, seed=5)
+    quiet = dict(progress=False, log=lambda s: None)
+    rows = E.evaluate(
+        m, w, E.parse_methods("akvq,saliency,akvq-flat"), ["fake", "decode"],
+        calib=ids(2, 64, 9), **quiet,
+    )  # fmt: skip
+    by = {(r["method"], r["protocol"]): r for r in rows}
+    for proto in ("fake", "decode"):
+        ref = by["rotatekv2", proto]["settled_bits"]
+        for name in ("akvq", "saliency", "akvq-flat"):
+            r = by[name, proto]
+            # Within one 1-bit step over a layer's 64 tokens, never above.
+            assert ref - 1.0 / 64 <= r["settled_bits"] <= ref + 1e-9, (name, proto)
+            assert math.isfinite(r["ppl"]) and r["kl"] > 0
+    rows = E.evaluate(
+        m, w[:1], ["fp16", "rotatekv2", "saliency"], ["fake"], calib=ids(2, 64, 9),
+        budget=6.0, **quiet,
+    )  # fmt: skip
+    assert rows[-1]["settled_bits"] == pytest.approx(6.0, abs=1.0 / 64)
+    with pytest.raises(rotatekv.ArgumentError, match="budget"):
+        E.evaluate(
+            m, w[:1], ["fp16", "rotatekv2", "akvq"], ["fake"], calib=ids(2, 64, 9),
+            budget=1.0, **quiet,
+        )  # fmt: skip
 
 
 def test_method_names_are_checked() -> None:
@@ -391,3 +423,12 @@ def test_calibrate_cli_on_the_default_model(tmp_path, capsys) -> None:
     cal = C.Calibration.load(out, model)
     assert cal.layer_bits is not None and cal.layer_bits.count(3) == 13
     assert cal.layer_bits.count(2) == 17
+    # The file stands in for rotatekv2's fit in `rotatekv eval`, with the policies on top.
+    js = tmp_path / "e.json"
+    argv = ["eval", "--windows", "1", "--window-len", "64", "--calib-windows", "2"]
+    argv += ["--methods", "saliency", "--protocol", "fake", "--calibration", str(out)]
+    assert main([*argv, "--json", str(js)]) == 0
+    rows = {r["method"]: r for r in json.loads(js.read_text())["results"]}
+    assert set(rows) == {"fp16", "rotatekv2", "saliency"}
+    assert rows["saliency"]["settled_bits"] <= rows["rotatekv2"]["settled_bits"] + 1e-9
+    assert "collected calibration data" not in capsys.readouterr().out

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Literal
 
 from ._rotatekv import ArgumentError
+from .policy import check_budget
 
 KeyLayout = Literal["per_token", "per_channel"]
 
@@ -26,6 +27,13 @@ class QuantConfig:
             (KIVI: one group per channel over a page of tokens).
         page_tokens: tokens per page, 32 or 64; ``None``: 64 per token, 32 per channel.
         fp_format: 16-bit format of unquantized tokens, ``"float16"`` or ``"bfloat16"``.
+        policy: how tokens get their widths (:mod:`rotatekv.policy`): ``"fixed"`` (``bits``,
+            sinks in 16), ``"saliency"`` (attention received during prefill) or ``"akvq"``
+            (AKVQ-VL's text- and pivot-token-salient patterns); the last two need
+            ``budget``, and ``bits`` is then the narrowest width they use.
+        budget: target average bits per K/V element of a sequence (codes, scales, zeros,
+            positions and 16-bit tokens counted, each token at the width it is stored in once
+            it leaves the recent window).
     """
 
     bits: int = 2
@@ -36,6 +44,8 @@ class QuantConfig:
     key_layout: KeyLayout = "per_token"
     page_tokens: int | None = None
     fp_format: Literal["float16", "bfloat16"] = "float16"
+    policy: Literal["fixed", "saliency", "akvq"] = "fixed"
+    budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8, 16):
@@ -46,6 +56,7 @@ class QuantConfig:
             )
         if self.residual < 0:
             raise ArgumentError(f"residual: expected an int >= 0, got {self.residual!r}")
+        check_budget(self.budget, self.policy)
         for name in ("key_clip", "value_clip"):
             c = getattr(self, name)
             if c is not None and not 0.0 < c <= 1.0:

@@ -15,6 +15,19 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-windows", type=int, default=8)
     p.add_argument("--methods", default="fp16,rtn2,kivi2,quarot2,rotatekv2-paper,rotatekv2")
     p.add_argument("--protocol", choices=("fake", "decode", "both"), default="both")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="bits per element for the policy methods (akvq, saliency; default: rotatekv2's "
+        "settled effective bits on the same windows)",
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="rotatekv2's calibration from `rotatekv calibrate --out` (same windows), "
+        "instead of fitting it again",
+    )
     p.add_argument("--json", default=None, help="write results as JSON here")
     p.add_argument("--plots", default=None, help="write key-channel plots (PNG) here")
     p.add_argument(
@@ -55,7 +68,14 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     batch = args.batch or max(1, min(8, 8192 // args.window_len))
     _positive("batch", batch)
-    rows = ev.evaluate(model, windows, methods, protocols, calib=calib, batch=batch)
+    prebuilt = {}
+    if args.calibration:
+        cal = cal_mod.Calibration.load(args.calibration, model)
+        prebuilt["rotatekv2"] = (cal, ev.METHODS["rotatekv2"].config)
+    rows = ev.evaluate(
+        model, windows, methods, protocols, calib=calib, batch=batch, budget=args.budget,
+        prebuilt=prebuilt,
+    )  # fmt: skip
     print(ev.table(rows))
     if args.json:
         ev.write_json(args.json, args.model or "SmolLM2-135M-Instruct", args.text or "wikipedia",

@@ -12,6 +12,7 @@ same windows: ``delta_ppl`` and mean ``kl`` (nats per token).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -36,9 +37,13 @@ class Method:
     name: str
     bits: int
     config: QuantConfig
-    # "identity", "quarot" (post-RoPE per-head Hadamard), or fit() arguments.
+    # "identity", "quarot" (post-RoPE per-head Hadamard), fit() arguments, or "rotatekv2"
+    # ("rotatekv2-flat": without its wider layers): that method's calibration, reused.
     plan: str | dict[str, Any]
     description: str
+    # A bit-width policy (rotatekv.policy); its budget defaults to rotatekv2's settled
+    # effective bits on the same windows, sinks left out as the policies leave them out.
+    policy: str = "fixed"
 
 
 def _kivi(bits: int, residual: int) -> QuantConfig:
@@ -100,6 +105,38 @@ METHODS: dict[str, Method] = {
             "ours: calibrated, sinks, 32 recent, 45% of layers at 3 bits",
         ),
         Method(
+            "akvq",
+            2,
+            QuantConfig(bits=2, residual=DEFAULT_RESIDUAL),
+            "rotatekv2",
+            "AKVQ-VL's pivot/text patterns in rotatekv2's layers, rotatekv2's budget",
+            "akvq",
+        ),
+        Method(
+            "saliency",
+            2,
+            QuantConfig(bits=2, residual=DEFAULT_RESIDUAL),
+            "rotatekv2",
+            "bits by attention received, in rotatekv2's layers, rotatekv2's budget",
+            "saliency",
+        ),
+        Method(
+            "akvq-flat",
+            2,
+            QuantConfig(bits=2, residual=DEFAULT_RESIDUAL),
+            "rotatekv2-flat",
+            "akvq without rotatekv2's wider layers (all layers 2-bit based)",
+            "akvq",
+        ),
+        Method(
+            "saliency-flat",
+            2,
+            QuantConfig(bits=2, residual=DEFAULT_RESIDUAL),
+            "rotatekv2-flat",
+            "saliency without rotatekv2's wider layers",
+            "saliency",
+        ),
+        Method(
             "rotatekv3",
             3,
             QuantConfig(bits=3, residual=DEFAULT_RESIDUAL),
@@ -124,7 +161,21 @@ def parse_methods(s: str) -> list[str]:
         raise ArgumentError(f"methods: expected names from {sorted(METHODS)}, got {bad or s!r}")
     if "fp16" not in names:
         names.insert(0, "fp16")  # the reference of delta_ppl and kl
+    if any(METHODS[n].policy != "fixed" or METHODS[n].plan in _REUSE for n in names):
+        # Policies reuse rotatekv2's calibration and meet its budget by default: run it too,
+        # before them.
+        if "rotatekv2" in names:
+            names.remove("rotatekv2")
+        first = min(
+            i
+            for i, n in enumerate(names)
+            if METHODS[n].policy != "fixed" or METHODS[n].plan in _REUSE
+        )
+        names.insert(first, "rotatekv2")
     return names
+
+
+_REUSE = ("rotatekv2", "rotatekv2-flat")
 
 
 def fit_args(method: Method) -> dict[str, Any]:
@@ -151,6 +202,8 @@ def build(
         return RotationPlan.identity(n, hkv, d), cfg
     if method.plan == "quarot":
         return RotationPlan.hadamard(n, hkv, d, mode="post_rope", group_heads=1), cfg
+    if method.plan in _REUSE:
+        raise ArgumentError(f"methods: {method.name} is built from rotatekv2's calibration")
     if data is None:
         raise ArgumentError(f"methods: {method.name} needs calibration windows (--calib-windows)")
     assert isinstance(method.plan, dict)
@@ -190,6 +243,7 @@ class _Acc:
     tokens: int = 0
     kv_bytes: int = 0
     bits: float = 0.0
+    settled: float = 0.0
     windows: int = 0
     seconds: float = 0.0
 
@@ -204,13 +258,16 @@ def evaluate(
     log: Callable[[str], None] = print,
     batch: int = 8,
     prebuilt: dict[str, tuple[Any, QuantConfig]] | None = None,
+    budget: float | None = None,
 ) -> list[dict[str, Any]]:
     """One result row per (method, protocol) (see the module docstring). Windows run
     ``batch`` at a time; every method sees the same batches, ``fp16`` first, so only one
     batch of reference distributions is held at a time. ``prebuilt`` maps method names to
-    ``(plan or calibration, config)`` already fitted."""
+    ``(plan or calibration, config)`` already fitted. Methods with a policy get ``budget``
+    or, by default, rotatekv2's settled effective bits on the same batch of windows."""
     spec = rh.model_spec(model)
     prebuilt = prebuilt or {}
+    # Methods that reuse rotatekv2's calibration need it in `methods` (parse_methods adds it).
     needs_cal = any(isinstance(METHODS[m].plan, dict) and m not in prebuilt for m in methods)
     data = None
     if needs_cal:
@@ -222,10 +279,15 @@ def evaluate(
     built: dict[str, tuple[Any, QuantConfig, float]] = {}
     for name in methods:
         t0 = time.perf_counter()
+        meth = METHODS[name]
         if name in prebuilt:
             plan, cfg = prebuilt[name]
+        elif meth.plan in _REUSE:
+            plan, cfg = built["rotatekv2"][0], meth.config
+            if meth.plan == "rotatekv2-flat":
+                plan = dataclasses.replace(plan, layer_bits=None)
         else:
-            plan, cfg = build(METHODS[name], spec, data, model=model, calib=calib)
+            plan, cfg = build(meth, spec, data, model=model, calib=calib)
         built[name] = (plan, cfg, time.perf_counter() - t0)
     order = ["fp16"] + [m for m in methods if m != "fp16"]
     rows = []
@@ -234,8 +296,13 @@ def evaluate(
         for b0 in range(0, windows.shape[0], batch):
             ids = windows[b0 : b0 + batch]
             ref: torch.Tensor | None = None
+            settled = None  # rotatekv2's on this batch: the policies' default budget
             for name in order:
                 plan, cfg, _ = built[name]
+                if METHODS[name].policy != "fixed":
+                    b = budget if budget is not None else settled
+                    assert b is not None, "rotatekv2 runs before the policies (parse_methods)"
+                    cfg = cfg.replace(policy=METHODS[name].policy, budget=b)
                 rh.enable(model, plan, cfg)
                 t0 = time.perf_counter()
                 logits, cache = _logits(model, ids, proto)
@@ -251,7 +318,10 @@ def evaluate(
                 a.tokens += ids[:, 1:].numel()
                 a.kv_bytes += cache.nbytes
                 a.bits += cache.bits_per_element() * ids.shape[0]
+                a.settled += cache.bits_per_element(settled=True) * ids.shape[0]
                 a.windows += ids.shape[0]
+                if name == "rotatekv2":
+                    settled = cache.bits_per_element(settled=True, sinks=False)
                 del logp, cache
             rh.disable(model)
             if progress:
@@ -266,6 +336,8 @@ def evaluate(
                     "protocol": proto,
                     "bits": float(METHODS[name].bits),
                     "effective_bits": a.bits / a.windows,
+                    # Recent-window tokens at the width they are stored in once they leave.
+                    "settled_bits": a.settled / a.windows,
                     # Allocated bytes of one window's cache (pages included).
                     "kv_bytes": a.kv_bytes // a.windows,
                     "ppl": ppl,

@@ -44,6 +44,8 @@ from ._band import band_attention, merge
 from ._rope import tables as _rope_tables
 from ._rope import unrope as _unrope
 from ._rotatekv import ArgumentError, RotateKVError
+from .policy import Allocator
+from .saliency import attention_mass
 
 ATTN_NAME = "rotatekv"
 _STATE_ATTR = "_rotatekv_state"
@@ -256,6 +258,13 @@ class RotateKVCache(Cache):
                 self._where[i] = (g, j)
         self.stores: list[KVStore] = []
         self.batch = 0
+        # The bit-width policy's ledgers (QuantConfig.policy), made with the stores.
+        self.allocator: Allocator | None = None
+        # Token types [B, T] of the chunk being run (rotatekv.policy.TEXT/IMAGE/OTHER), set
+        # by the model's forward from `token_types=` or a VLM's image-token ids.
+        self.token_types: torch.Tensor | None = None
+        # Sink tokens (16-bit by the calibration's rule) stored per layer and sequence.
+        self.sink_tokens: dict[int, torch.Tensor] = {}
         self._tables: list[tuple[torch.Tensor, LayerRope, tuple[torch.Tensor, torch.Tensor]]] = []
 
     def _ensure_stores(self, batch: int, where: torch.device) -> None:
@@ -289,6 +298,16 @@ class RotateKVCache(Cache):
                 )
             )
         self.batch = batch
+        if self.config.policy != "fixed":
+            assert self.config.budget is not None
+            bits = self.layer_bits or [self.config.bits] * spec.num_layers
+            self.allocator = Allocator(
+                self.config.policy,
+                self.config.budget,
+                bits,
+                lambda layer, c: self.store_of(layer)[0].class_bits(c),
+                floor=self.config.bits,
+            )
 
     def _cos_sin(self, pos: torch.Tensor, rope: LayerRope) -> tuple[torch.Tensor, torch.Tensor]:
         # Every layer of a step un-rotates at the same positions: compute the tables once per
@@ -308,10 +327,17 @@ class RotateKVCache(Cache):
     def _clear(self) -> None:
         for s in self.stores:
             s.clear()
+        self.sink_tokens.clear()
+        if self.allocator is not None:
+            self.allocator.clear()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for s in self.stores:
             s.reorder(beam_idx.to("cpu"))
+        if self.allocator is not None:
+            self.allocator.reorder(beam_idx)
+        idx = beam_idx.to("cpu")
+        self.sink_tokens = {k: v[idx] for k, v in self.sink_tokens.items()}
 
     def recent(self, layer: int) -> int:
         """How many of a query's newest tokens layer ``layer`` reads in 16 bits (the
@@ -329,15 +355,25 @@ class RotateKVCache(Cache):
         """Bytes held by the packed stores."""
         return sum(s.nbytes for s in self.stores)
 
-    def bits_per_element(self) -> float:
+    def bits_per_element(self, settled: bool = False, sinks: bool = True) -> float:
         """Average stored bits per K/V element: codes, scales, zeros, positions and 16-bit
-        tokens counted, unused page slots not (``nbytes`` has those)."""
-        payload = sum(s.payload_bytes for s in self.stores)
-        elems = 0
+        tokens counted, unused page slots not (``nbytes`` has those). ``settled``: tokens of
+        the recent window counted at the width they are stored in once they leave it;
+        ``sinks=False``: sink tokens left out (with both, what a policy's ``budget`` is
+        stated in)."""
+        bits = elems = 0.0
+        per_token = 2 * self.spec.num_kv_heads * self.spec.head_dim
         for s in self.stores:
-            for layer in range(s.num_layers):
-                elems += 2 * sum(s.seq_lens(layer)) * s.num_kv_heads * s.head_dim
-        return 8.0 * payload / elems if elems else 0.0
+            n = sum(sum(s.seq_lens(layer)) for layer in range(s.num_layers)) * per_token
+            bits += s.bits_per_element(settled) * n
+            elems += n
+        if not sinks:
+            for layer, per_seq in self.sink_tokens.items():
+                store, _ = self.store_of(layer)
+                count = int(per_seq.sum())
+                bits -= store.class_bits(16) * count * per_token
+                elems -= count * per_token
+        return bits / elems if elems else 0.0
 
 
 def _check_plan(plan: RotationPlan, spec: ModelSpec) -> None:
@@ -423,6 +459,10 @@ def _attention(
         bits = torch.full((b, t), lb[h.layer], dtype=torch.int64)
     tq = query.shape[2]
     qpos = h.positions if position_ids is None else position_ids.to(torch.int64).expand(b, tq)
+    if h.cache.allocator is not None:
+        bits = _policy_bits(
+            h, store, layer, query, qpos, valid, protect, scaling, softcap, sliding_window
+        )
     # A chunk's queries read their newest `r` tokens in 16 bits, as decode does (where the
     # store's recent window holds them): the ones before the chunk from that window, before
     # the chunk drains it, the chunk's own from the chunk; the older ones from the packed
@@ -444,6 +484,10 @@ def _attention(
     store.append(layer, h.k, h.v, positions=h.positions, protect=protect, valid=valid, bits=bits)
     # Counted only once stored, so a refused append leaves the cache as it was.
     h.cache.layers[h.layer].slots += t
+    if protect is not None:
+        kept = (protect if valid is None else protect & valid).sum(1)
+        prev = h.cache.sink_tokens.get(h.layer)
+        h.cache.sink_tokens[h.layer] = kept if prev is None else prev + kept
     if r == 0:
         return att(window=sliding_window).transpose(1, 2), None
     fmt = torch.bfloat16 if h.cache.config.fp_format == "bfloat16" else torch.float16
@@ -458,6 +502,60 @@ def _attention(
     if sliding_window is None or sliding_window > r:
         out, lse = merge(*att(window=sliding_window, lag=r, return_lse=True), out, lse)
     return out.to(query.dtype).transpose(1, 2), None
+
+
+def _policy_bits(
+    h: _Pending,
+    store: KVStore,
+    layer: int,
+    query: torch.Tensor,
+    qpos: torch.Tensor,
+    valid: torch.Tensor | None,
+    protect: torch.Tensor | None,
+    scaling: float | None,
+    softcap: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """The policy's widths of a chunk. A prefill chunk (several queries, the chunk's own
+    tokens) is scored by the attention its tokens receive from its queries, the softmax
+    covering what the store already holds; decoded tokens have no statistics."""
+    cache = h.cache
+    assert cache.allocator is not None
+    b, _, t, _ = h.k.shape
+    mean = counted = None
+    if query.shape[2] == t and t > 1:
+        prior = None
+        if cache.layers[h.layer].slots > 0:
+            _, prior = store.attend(
+                layer,
+                query.float(),
+                positions=qpos,
+                causal=True,
+                scale=scaling,
+                window=sliding_window,
+                softcap=softcap,
+                return_lse=True,
+            )
+        fmt = torch.bfloat16 if cache.config.fp_format == "bfloat16" else torch.float16
+        m = attention_mass(
+            query,
+            h.k_model.to(fmt),
+            qpos,
+            h.positions,
+            k_valid=valid,
+            prior_lse=prior,
+            scale=scaling,
+            softcap=softcap,
+            window=sliding_window,
+            lag=cache.recent(h.layer),
+        )
+        mean, counted = m.mean(query.shape[1]), m.count > 0
+    types = cache.token_types
+    if types is not None and tuple(types.shape) != (b, t):
+        raise ArgumentError(
+            f"token_types: expected shape [{b}, {t}] (the chunk's tokens), got {tuple(types.shape)}"
+        )
+    return cache.allocator.widths(h.layer, (b, t), mean, counted, valid, protect, types)
 
 
 def _register() -> None:
@@ -479,9 +577,20 @@ class _State:
     device: str | None = None
 
 
+def _text_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder that owns the rotary embedding (a VLM's language model; the model
+    itself for a plain decoder): its layers are the ones with a KV cache."""
+    for name, _ in model.named_modules():
+        if name.endswith("rotary_emb"):
+            parent = name.rpartition(".")[0]
+            return model.get_submodule(parent) if parent else model
+    return model
+
+
 def _decoder_layers(model: torch.nn.Module, n: int) -> list[torch.nn.Module]:
-    """The ``n`` decoder layers (modules with a ``self_attn`` child), in order."""
-    layers = [m for m in model.modules() if hasattr(m, "self_attn")]
+    """The ``n`` decoder layers (modules with a ``self_attn`` child), in order; a VLM's
+    vision tower is left out."""
+    layers = [m for m in _text_module(model).modules() if hasattr(m, "self_attn")]
     if len(layers) != n:
         raise ArgumentError(
             f"model: expected {n} decoder layers with a self_attn module, found {len(layers)}"
@@ -517,6 +626,49 @@ def new_cache(model: torch.nn.Module) -> RotateKVCache:
 
 def _has_cache(kwargs: dict[str, Any]) -> bool:
     return kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+
+
+def _image_token(model: torch.nn.Module) -> int | None:
+    """A LLaVA-family model's image placeholder id (``None`` for text-only models)."""
+    cfg = model.config
+    for name in ("image_token_id", "image_token_index"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def _token_types(
+    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> torch.Tensor | None:
+    """Token types of a forward's tokens: ``token_types=`` if given, else image tokens of a
+    VLM's ``input_ids`` (``IMAGE``, the rest ``TEXT``), else ``None``."""
+    from .policy import IMAGE, TEXT
+
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    types = kwargs.pop("token_types", None)
+    if types is not None:
+        types = torch.as_tensor(types)
+        if types.dtype.is_floating_point or types.ndim != 2:
+            raise ArgumentError(
+                f"token_types: expected integer types [batch, tokens], got {types.dtype} "
+                f"{tuple(types.shape)}"
+            )
+        if isinstance(ids, torch.Tensor) and tuple(types.shape) != tuple(ids.shape):
+            raise ArgumentError(
+                f"token_types: expected shape {tuple(ids.shape)} (input_ids'), got "
+                f"{tuple(types.shape)}"
+            )
+        return types.to("cpu", torch.int64)
+    tok = _image_token(model)
+    if tok is None or not isinstance(ids, torch.Tensor):
+        return None
+    return torch.where(ids == tok, IMAGE, TEXT).to("cpu", torch.int64)
+
+
+def _cache_of(kwargs: dict[str, Any]) -> Any:
+    c = kwargs.get("cache")
+    return c if c is not None else kwargs.get("past_key_values")
 
 
 def enable(
@@ -571,7 +723,9 @@ def enable(
         old.layer_bits = layer_bits
         old.device = device
         return model
-    prev = model.config._attn_implementation
+    text_cfg = _text_config(model)
+    multimodal = text_cfg is not model.config
+    prev = text_cfg._attn_implementation
     hooks = [
         layer.register_forward_pre_hook(_sink_hook(i), with_kwargs=True)
         for i, layer in enumerate(layers)
@@ -582,13 +736,21 @@ def enable(
 
     @functools.wraps(st.forward)
     def forward(*args: Any, **kwargs: Any) -> Any:
+        types = _token_types(model, args, kwargs)
         if not _has_cache(kwargs) and kwargs.get("use_cache", True) is not False:
             kwargs["cache"] = new_cache(model)
         elif kwargs.get("use_cache") is False:
             # Attention runs through the store even without a kept cache.
             kwargs["cache"] = new_cache(model)
             kwargs["use_cache"] = True
-        return st.forward(*args, **kwargs)
+        cache = _cache_of(kwargs)
+        if isinstance(cache, RotateKVCache):
+            cache.token_types = types
+        try:
+            return st.forward(*args, **kwargs)
+        finally:
+            if isinstance(cache, RotateKVCache):
+                cache.token_types = None
 
     @functools.wraps(st.generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
@@ -596,7 +758,8 @@ def enable(
             kwargs["cache"] = new_cache(model)
         return st.generate(*args, **kwargs)
 
-    model.set_attn_implementation(ATTN_NAME)
+    # A VLM's vision tower keeps its own attention: only the language model has a KV cache.
+    model.set_attn_implementation({"text_config": ATTN_NAME} if multimodal else ATTN_NAME)
     setattr(model, _STATE_ATTR, st)
     model.forward = forward  # type: ignore[method-assign]
     model.generate = generate  # type: ignore[method-assign]
@@ -613,5 +776,8 @@ def disable(model: torch.nn.Module) -> torch.nn.Module:
     del model.forward
     del model.generate
     delattr(model, _STATE_ATTR)
-    model.set_attn_implementation(st.previous_attn)
+    multimodal = _text_config(model) is not model.config
+    model.set_attn_implementation(
+        {"text_config": st.previous_attn} if multimodal else st.previous_attn
+    )
     return model

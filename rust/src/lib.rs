@@ -14,6 +14,7 @@ pub mod persist;
 pub mod quant;
 pub mod rope;
 pub mod rotation;
+pub mod saliency;
 pub mod simd;
 pub mod store;
 pub mod tensor;

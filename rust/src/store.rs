@@ -579,6 +579,43 @@ impl KVStore {
         self.payload_bytes() * 8.0 / (n as f64 * self.meta.heads as f64 * self.meta.d as f64 * 2.0)
     }
 
+    /// [`Self::bits_per_element`] with each recent-window token counted at the width it is
+    /// stored in once it leaves the window (its tag): the steady state, in which
+    /// bit-allocation budgets are stated.
+    pub fn settled_bits_per_element(&self) -> f64 {
+        let n = self.total_tokens();
+        if n == 0 {
+            return 0.0;
+        }
+        let m = &self.meta;
+        let mut bytes = 0.0;
+        for seq in self.layers.iter().flatten() {
+            for p in &seq.pages {
+                bytes += p.live() as f64 * m.layout(p.bits).token_payload_bytes();
+            }
+            for p in &seq.window {
+                for &tag in &p.tags()[p.start..p.len] {
+                    let bits = if matches!(tag, 2 | 3 | 4 | 8) {
+                        tag
+                    } else {
+                        m.cfg.bits
+                    };
+                    bytes += m.layout(bits).token_payload_bytes();
+                }
+            }
+        }
+        bytes * 8.0 / (n as f64 * m.heads as f64 * m.d as f64 * 2.0)
+    }
+
+    /// Bits per K/V element of one token stored in precision class `bits` (codes, scales,
+    /// zeros, position and tag): what [`Self::bits_per_element`] counts for it, so that
+    /// bit-allocation policies can meet a budget stated in those units.
+    pub fn class_bits(&self, bits: u8) -> Result<f64> {
+        check_bits("bits", bits)?;
+        let m = &self.meta;
+        Ok(m.layout(bits).token_payload_bytes() * 8.0 / (m.heads as f64 * m.d as f64 * 2.0))
+    }
+
     /// Validates everything about an append before anything changes.
     fn validate_append(&self, layer: usize, a: &AppendArgs) -> Result<(usize, usize)> {
         if self.dev.is_some() {

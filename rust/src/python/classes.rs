@@ -1108,9 +1108,28 @@ impl PyStore {
         self.read().payload_bytes()
     }
 
-    /// Bits per stored K/V element, scales, zeros, positions and 16-bit tokens included.
-    fn bits_per_element(&self) -> f64 {
-        self.read().bits_per_element()
+    /// Bits per stored K/V element, scales, zeros, positions and 16-bit tokens included;
+    /// `settled`: recent-window tokens counted at the width they will be stored in.
+    #[pyo3(signature = (settled=false))]
+    fn bits_per_element(&self, settled: bool) -> f64 {
+        let s = self.read();
+        if settled {
+            s.settled_bits_per_element()
+        } else {
+            s.bits_per_element()
+        }
+    }
+
+    /// Bits per K/V element of one token stored at width `bits` (what `bits_per_element`
+    /// counts for it).
+    fn class_bits(&self, py: Python<'_>, bits: i64) -> PyResult<f64> {
+        let b = u8::try_from(bits).map_err(|_| {
+            arg_err(
+                py,
+                format!("bits: expected one of 2, 3, 4, 8, 16, got {bits}"),
+            )
+        })?;
+        rk(py, self.read().class_bits(b))
     }
 
     /// Beam-search reorder: sequence i becomes old sequence indices[i].

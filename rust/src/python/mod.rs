@@ -59,6 +59,79 @@ fn hadamard<'py>(
     data.to_pyarray(py).reshape(shape)
 }
 
+/// Attention mass of a chunk's keys (`rotatekv.saliency.attention_mass` checks and converts
+/// the arguments): `(mass [B, Tk], count [B, Tk], lse [B, Hq, Tq])`.
+#[pyfunction]
+#[pyo3(signature = (q, k, q_pos, k_pos, k_valid, prior_lse, scale, softcap, window, lag))]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn _attention_mass<'py>(
+    py: Python<'py>,
+    q: numpy::PyReadonlyArray4<'py, f32>,
+    k: numpy::PyReadonlyArray4<'py, f32>,
+    q_pos: numpy::PyReadonlyArray2<'py, i64>,
+    k_pos: numpy::PyReadonlyArray2<'py, i64>,
+    k_valid: Option<numpy::PyReadonlyArray2<'py, bool>>,
+    prior_lse: Option<numpy::PyReadonlyArray3<'py, f32>>,
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+    lag: usize,
+) -> PyResult<(
+    Bound<'py, numpy::PyArray2<f32>>,
+    Bound<'py, numpy::PyArray2<u32>>,
+    Bound<'py, numpy::PyArray3<f32>>,
+)> {
+    use numpy::{IntoPyArray, PyArrayMethods, PyUntypedArrayMethods};
+    let contiguous =
+        |name: &str| errors::shape_err(py, format!("{name}: expected a C-contiguous array"));
+    let (qs, ks) = (q.shape(), k.shape());
+    let dims = crate::saliency::MassDims {
+        b: qs[0],
+        hq: qs[1],
+        tq: qs[2],
+        hkv: ks[1],
+        tk: ks[2],
+        d: qs[3],
+    };
+    if ks[0] != dims.b || ks[3] != dims.d {
+        return Err(errors::shape_err(
+            py,
+            format!(
+                "k: expected [{}, Hkv, Tk, {}] (q's batch and head size), got {ks:?}",
+                dims.b, dims.d
+            ),
+        ));
+    }
+    let args = crate::saliency::MassArgs {
+        q: q.as_slice().map_err(|_| contiguous("q"))?,
+        k: k.as_slice().map_err(|_| contiguous("k"))?,
+        dims,
+        q_pos: q_pos.as_slice().map_err(|_| contiguous("q_pos"))?,
+        k_pos: k_pos.as_slice().map_err(|_| contiguous("k_pos"))?,
+        k_valid: match &k_valid {
+            Some(v) => Some(v.as_slice().map_err(|_| contiguous("k_valid"))?),
+            None => None,
+        },
+        prior_lse: match &prior_lse {
+            Some(v) => Some(v.as_slice().map_err(|_| contiguous("prior_lse"))?),
+            None => None,
+        },
+        scale,
+        softcap,
+        window,
+        lag,
+    };
+    let m = py
+        .detach(|| device::guard(|| crate::saliency::attention_mass(&args)))
+        .map_err(|e| errors::to_py(py, e))?;
+    let (b, tk) = (dims.b, dims.tk);
+    Ok((
+        m.mass.into_pyarray(py).reshape([b, tk])?,
+        m.count.into_pyarray(py).reshape([b, tk])?,
+        m.lse.into_pyarray(py).reshape([b, dims.hq, dims.tq])?,
+    ))
+}
+
 /// Loads NVRTC (and its builtins) from `dir`.
 #[pyfunction]
 fn _cuda_load_nvrtc(py: Python<'_>, dir: std::path::PathBuf) -> PyResult<()> {
@@ -139,6 +212,7 @@ fn _rotatekv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<classes::PyPageBuffer>()?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     m.add_function(wrap_pyfunction!(hadamard, m)?)?;
+    m.add_function(wrap_pyfunction!(_attention_mass, m)?)?;
     m.add_function(wrap_pyfunction!(_cuda_load_nvrtc, m)?)?;
     m.add_function(wrap_pyfunction!(_cuda_nvrtc_available, m)?)?;
     m.add_function(wrap_pyfunction!(_cuda_nvrtc_version, m)?)?;

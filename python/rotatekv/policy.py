@@ -1,0 +1,318 @@
+"""Per-token bit widths chosen by a policy under an effective-bit budget (AKVQ-VL).
+
+A store keeps each token in one precision class (2, 3, 4, 8 or 16 bits). A policy picks the
+class of every token at append time:
+
+* ``"fixed"``: the layer's width (``QuantConfig.bits``, or a calibration's wider layers);
+  RotateKV's sinks (massive activations) in 16 bits when a calibration gives a sink rule;
+* ``"saliency"``: tokens ranked by the attention they receive during prefill
+  (:func:`rotatekv.saliency.attention_mass`: mean probability per query that reads them
+  quantized, i.e. at distance ``>= residual``); bits go where they cut the most
+  attention-weighted quantization error (:func:`water_fill`);
+* ``"akvq"``: AKVQ-VL's patterns, detected per layer from the same statistics: a layer is
+  *pivot-token-salient* when its few most attended tokens (``pivot_fraction`` of the chunk)
+  receive at least ``pivot_mass`` of the attention, and those pivots are kept in 16 bits; it
+  is *text-salient* when text tokens get at least ``text_ratio`` times the mean attention of
+  other tokens (vision-language models: token types), and text tokens get more bits; other
+  tokens share what is left evenly.
+
+The budget is a target for the average bits per K/V element of each sequence over all
+layers, in the units of ``KVStore.bits_per_element`` (codes, scales, zeros, positions, 16-bit
+tokens) with every token counted at the class it is stored in once it leaves the recent
+window. Sinks (the calibration's massive-activation rule, typically a sequence's first
+token) stay 16-bit outside the budget: where they fall is only known layer by layer, and a
+shared budget would let the first layers spend what later layers' sinks need. Each (layer, sequence) keeps a ledger; an append spends what the tokens before it
+left, ``budget * tokens - spent``, less what the other layers of the sequence overspent (a
+budget below a layer's floor) or plus what they left. So the average meets the
+budget to within about one class step over the tokens, after a one-pass prefill, a chunked
+one, or token-by-token decoding (where, without statistics, tokens share the budget evenly).
+Layers of a calibration with wider layers keep their difference: a layer stored ``w`` bits
+wider has ``w`` bits more of the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ._rotatekv import ArgumentError
+
+PolicyName = Literal["fixed", "saliency", "akvq"]
+POLICIES: tuple[str, ...] = ("fixed", "saliency", "akvq")
+CLASSES: tuple[int, ...] = (2, 3, 4, 8, 16)
+
+# Token types (``token_types``): what a vision-language model's tokens are.
+TEXT, IMAGE, OTHER = 0, 1, 2
+
+# Score multipliers of the AKVQ patterns: pivots outrank any other token at every step up to
+# 16 bits; text in a text-salient layer gets its third and fourth bit before other tokens
+# get a third.
+_PIVOT_SCORE = 1.0e9
+_TEXT_SCORE = 8.0
+
+
+def rel_error(bits: int) -> float:
+    """Relative mean-squared error of a ``bits``-bit uniform quantizer (``2^bits`` levels);
+    0 for 16-bit tokens."""
+    return 0.0 if bits >= 16 else 1.0 / (2**bits - 1) ** 2
+
+
+def water_fill(
+    scores: np.ndarray,
+    base: int,
+    cost: Callable[[int], float],
+    spend: float,
+    classes: Sequence[int] = CLASSES,
+) -> np.ndarray:
+    """Widths (``>= base``) for tokens of ``scores`` that minimize
+    ``sum(score * rel_error(width))`` with ``sum(cost(width)) <= spend``.
+
+    Greedy in error removed per bit spent, which is optimal here: a token's steps up the
+    ladder remove less error per bit each (``rel_error`` is convex in cost), so taking steps
+    in order of that ratio never takes one before its predecessor. Ties go to tokens spread
+    evenly over the sequence (a low-discrepancy order), so equal scores share bits evenly.
+    What is left after the last step that fits is spent on cheaper steps still fitting, so
+    the total falls short of ``spend`` by less than the cheapest step.
+    """
+    s = np.asarray(scores, dtype=np.float64).clip(min=0.0)
+    n = s.shape[0]
+    ladder = [c for c in sorted(set(classes)) if c >= base]
+    out = np.full(n, ladder[0], dtype=np.int64)
+    left = spend - n * cost(ladder[0])
+    if n == 0 or len(ladder) == 1 or left <= 0:
+        return out
+    dc = np.array([cost(ladder[i + 1]) - cost(ladder[i]) for i in range(len(ladder) - 1)])
+    de = np.array([rel_error(ladder[i]) - rel_error(ladder[i + 1]) for i in range(len(ladder) - 1)])
+    steps = len(dc)
+    ratio = s[:, None] * (de / dc)[None, :]  # [n, steps]
+    spread = (np.arange(n) * 0.6180339887498949) % 1.0
+    tok = np.repeat(np.arange(n), steps)
+    stp = np.tile(np.arange(steps), n)
+    order = np.lexsort((spread[tok], stp, -ratio.reshape(-1)))
+    tok, stp = tok[order], stp[order]
+    csum = np.cumsum(dc[stp])
+    take = int(np.searchsorted(csum, left, side="right"))
+    level = np.zeros(n, dtype=np.int64)
+    np.add.at(level, tok[:take], 1)
+    left -= float(csum[take - 1]) if take else 0.0
+    cheapest = float(dc.min())
+    for j, k in zip(tok[take:].tolist(), stp[take:].tolist(), strict=True):
+        if left < cheapest:
+            break
+        if level[j] == k and dc[k] <= left:
+            level[j] += 1
+            left -= float(dc[k])
+    return np.asarray(ladder)[level]
+
+
+@dataclass(frozen=True)
+class AkvqRule:
+    """Thresholds of AKVQ-VL's attention patterns."""
+
+    pivot_fraction: float = 0.01
+    pivot_mass: float = 0.3
+    text_ratio: float = 1.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.pivot_fraction <= 1.0:
+            raise ArgumentError(
+                f"pivot_fraction: expected a share in (0, 1], got {self.pivot_fraction!r}"
+            )
+        if not 0.0 < self.pivot_mass <= 1.0:
+            raise ArgumentError(f"pivot_mass: expected a share in (0, 1], got {self.pivot_mass!r}")
+        if not self.text_ratio > 0.0:
+            raise ArgumentError(f"text_ratio: expected a value > 0, got {self.text_ratio!r}")
+
+
+def saliency_scores(mean: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """``"saliency"`` scores of one sequence: the mean attention a token gets from queries
+    that read it quantized; tokens no such query saw (the chunk's newest) get the median."""
+    m = mean.double().clone()
+    if bool(counted.any()):
+        m[~counted] = m[counted].median()
+    else:
+        m[:] = 1.0
+    return m
+
+
+def akvq_scores(
+    mean: torch.Tensor,
+    counted: torch.Tensor,
+    types: torch.Tensor | None,
+    rule: AkvqRule,
+) -> tuple[torch.Tensor, str]:
+    """``"akvq"`` scores of one sequence's chunk and the layer's pattern there
+    (``"pivot"``, ``"text"``, ``"pivot+text"`` or ``"even"``)."""
+    n = mean.shape[0]
+    s = torch.ones(n, dtype=torch.float64)
+    pattern = []
+    w = torch.where(counted, mean.double(), torch.zeros((), dtype=torch.float64))
+    total = float(w.sum())
+    if total > 0:
+        k = max(1, int(rule.pivot_fraction * int(counted.sum())))
+        top = torch.topk(w, min(k, n)).indices
+        if float(w[top].sum()) >= rule.pivot_mass * total:
+            s[top] = _PIVOT_SCORE
+            pattern.append("pivot")
+    if types is not None:
+        # Pivots are their own pattern: compare text and other tokens without them.
+        rest = counted & (s < _PIVOT_SCORE)
+        text = (types == TEXT) & rest
+        other = (types != TEXT) & rest
+        if bool(text.any()) and bool(other.any()):
+            mt, mo = float(w[text].mean()), float(w[other].mean())
+            if mt >= rule.text_ratio * mo:
+                s = torch.where((types == TEXT) & (s < _PIVOT_SCORE), _TEXT_SCORE, s)
+                pattern.append("text")
+    return s, "+".join(pattern) or "even"
+
+
+class Allocator:
+    """Chooses the widths of appended tokens for one cache (one budget ledger per layer and
+    sequence). ``cost(layer, bits)`` gives a token's bits per element in that layer's store
+    (``KVStore.class_bits``)."""
+
+    def __init__(
+        self,
+        policy: str,
+        budget: float,
+        layer_bits: Sequence[int],
+        cost: Callable[[int, int], float],
+        rule: AkvqRule | None = None,
+        floor: int | None = None,
+    ) -> None:
+        if policy not in POLICIES or policy == "fixed":
+            raise ArgumentError(f"policy: expected 'saliency' or 'akvq', got {policy!r}")
+        self.policy = policy
+        self.budget = float(budget)
+        self.layer_bits = list(layer_bits)
+        # A token's cost per (layer, class), read once from the stores.
+        self.costs = [{c: float(cost(i, c)) for c in CLASSES} for i in range(len(self.layer_bits))]
+        self.rule = rule or AkvqRule()
+        # The narrowest width a token gets: a wider layer's tokens may go below its width
+        # (the layer keeps its extra budget, spent where attention says).
+        self.floor = min(self.layer_bits) if floor is None else int(floor)
+        if self.floor not in CLASSES or self.floor > min(self.layer_bits):
+            raise ArgumentError(
+                f"floor: expected a width in {CLASSES} no wider than the layers' "
+                f"({min(self.layer_bits)}), got {floor!r}"
+            )
+        base = [self.costs[i][b] for i, b in enumerate(self.layer_bits)]
+        mean_base = sum(base) / len(base)
+        least = sum(c[self.floor] for c in self.costs) / len(self.costs)
+        if self.budget < least - 1e-9:
+            raise ArgumentError(
+                f"budget: expected at least {least:.4f} bits per element (every token at "
+                f"{self.floor} bits), got {self.budget}"
+            )
+        # Each layer's budget: the global one shifted by how much wider its base width is.
+        self.layer_budget = [self.budget + c - mean_base for c in base]
+        self.spent: dict[int, np.ndarray] = {}
+        self.tokens: dict[int, np.ndarray] = {}
+        self.patterns: dict[int, list[str]] = {}
+
+    def _ledger(self, layer: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        if layer not in self.spent or self.spent[layer].shape[0] != batch:
+            self.spent[layer] = np.zeros(batch)
+            self.tokens[layer] = np.zeros(batch, dtype=np.int64)
+        return self.spent[layer], self.tokens[layer]
+
+    def _excess(self, seq: int, exclude: int) -> float:
+        """Bits spent beyond the budget by sequence ``seq`` in the layers but ``exclude``."""
+        return sum(
+            float(self.spent[m][seq] - self.layer_budget[m] * self.tokens[m][seq])
+            for m in self.spent
+            if m != exclude
+        )
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: sequence ``i`` becomes old sequence ``index[i]``."""
+        idx = index.cpu().numpy()
+        for layer in self.spent:
+            self.spent[layer] = self.spent[layer][idx]
+            self.tokens[layer] = self.tokens[layer][idx]
+
+    def clear(self) -> None:
+        self.spent.clear()
+        self.tokens.clear()
+        self.patterns.clear()
+
+    def widths(
+        self,
+        layer: int,
+        shape: tuple[int, int],
+        mean: torch.Tensor | None = None,
+        counted: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None,
+        types: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Widths (int64, ``shape`` = ``[B, T]``) of a chunk's tokens.
+
+        ``mean``/``counted``: ``[B, T]`` mean attention received and whether any query read
+        the token quantized (``None``: no statistics, e.g. one decoded token); ``valid``:
+        tokens that exist (padding is not stored); ``sinks``: tokens kept in 16 bits anyway;
+        ``types``: ``[B, T]`` token types (:data:`TEXT`, :data:`IMAGE`, :data:`OTHER`)."""
+        b, t = shape
+        base = self.floor
+        spent, tokens = self._ledger(layer, b)
+        cost = self.costs[layer]
+        out = torch.full((b, t), base, dtype=torch.int64)
+        pats = []
+        for i in range(b):
+            ok = torch.ones(t, dtype=torch.bool) if valid is None else valid[i].cpu()
+            sink = torch.zeros(t, dtype=torch.bool) if sinks is None else sinks[i].cpu() & ok
+            free = ok & ~sink
+            n = int(free.sum())
+            # What this layer's tokens so far left, less what the other layers overspent (a
+            # budget below a layer's floor) or plus what they left: one budget for all.
+            others = self._excess(i, exclude=layer)
+            spend = self.layer_budget[layer] * (tokens[i] + n) - spent[i] - others
+            if mean is None or counted is None:
+                scores = torch.ones(t, dtype=torch.float64)
+                pats.append("none")
+            elif self.policy == "saliency":
+                scores = saliency_scores(mean[i].cpu(), counted[i].cpu() & free)
+                pats.append("saliency")
+            else:
+                ty = None if types is None else types[i].cpu()
+                scores, pat = akvq_scores(mean[i].cpu(), counted[i].cpu() & free, ty, self.rule)
+                pats.append(pat)
+            fi = torch.nonzero(free).flatten()
+            w = water_fill(scores[fi].numpy(), base, cost.__getitem__, spend)
+            out[i, fi] = torch.from_numpy(w)
+            out[i, sink] = 16
+            spent[i] += sum(cost[c] for c in w.tolist())
+            tokens[i] += n
+        self.patterns.setdefault(layer, []).extend(pats)
+        return out
+
+    def bits_per_element(self) -> float:
+        """The average the ledgers hold: every token the policy placed (sinks are not) at
+        its class; what the budget meets."""
+        spent = sum(float(s.sum()) for s in self.spent.values())
+        tokens = sum(int(t.sum()) for t in self.tokens.values())
+        return spent / tokens if tokens else 0.0
+
+
+def check_budget(budget: float | None, policy: str) -> None:
+    """Validates a policy and its budget (``QuantConfig``)."""
+    if policy not in POLICIES:
+        raise ArgumentError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    if policy == "fixed":
+        if budget is not None:
+            raise ArgumentError(
+                "budget: expected None with policy 'fixed' (a budget needs a policy)"
+            )
+        return
+    if budget is None or isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ArgumentError(
+            f"budget: expected bits per element (a float) with policy {policy!r}, got {budget!r}"
+        )
+    if not math.isfinite(budget) or not 2.0 <= budget <= 17.0:
+        raise ArgumentError(f"budget: expected bits per element in [2, 17], got {budget!r}")

@@ -150,6 +150,23 @@ struct RkvFwhtParams {
   i32 n, dtype, inverse, pad;
 };
 
+// Attention mass of a chunk's keys (cuda/saliency.cu). Every array is contiguous.
+struct RkvMassParams {
+  u64 q;        // f32 [B, Hq, Tq, D]
+  u64 k;        // f32 [B, Hkv, Tk, D]
+  u64 q_pos;    // i64 [B, Tq]
+  u64 k_pos;    // i64 [B, Tk]
+  u64 k_valid;  // u8 [B, Tk], or 0: every key exists
+  u64 prior;    // f32 [B, Hq, Tq] log-sum-exp over keys outside the chunk, or 0
+  u64 lse;      // f32 [B, Hq, Tq]: written by rkv_mass_lse, read by rkv_mass_keys
+  u64 mass;     // f32 [B, Tk]
+  u64 count;    // i32 [B, Tk]
+  i32 batch, hq, tq, hkv, tk, d;
+  i32 window;   // 0: no sliding window
+  i32 lag;
+  float scale, softcap;  // softcap 0: none
+};
+
 // ---------------------------------------------------------------------------------------
 // 16-bit floats, bit-exact with rust/src/simd.rs (round to nearest even) on both sides.
 

@@ -39,7 +39,7 @@ needs_nvrtc = pytest.mark.skipif(not nvrtc_present(), reason="NVRTC not installe
 def test_every_kernel_compiles_without_spills(arch: str) -> None:
     ptx = rc.compile_kernels(arch)
     logs = rc.compile_kernels(arch, log=True)
-    assert set(ptx) == {"hadamard.cu", "quant.cu", "attend.cu"}
+    assert set(ptx) == {"hadamard.cu", "quant.cu", "attend.cu", "saliency.cu"}
     entries = set()
     for name, text in ptx.items():
         assert f".target {arch}" in text, name
@@ -54,7 +54,10 @@ def test_every_kernel_compiles_without_spills(arch: str) -> None:
             # transforms (fwht) and sincosf's slow-path reduction (attend), both small.
             assert (int(st), int(ld)) == (0, 0), f"{name}: {log}"
             assert int(frame) <= 128, f"{name}: {log}"
-    assert entries == {"rkv_fwht", "rkv_append", "rkv_channel_keys", "rkv_attend", "rkv_combine"}
+    assert entries == {
+        "rkv_fwht", "rkv_append", "rkv_channel_keys", "rkv_attend", "rkv_combine",
+        "rkv_mass_lse", "rkv_mass_keys",
+    }  # fmt: skip
 
 
 @needs_nvrtc
@@ -354,3 +357,27 @@ def test_transformers_generation_on_a_cuda_model() -> None:
         ref = m.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), **kw)
     assert torch.equal(on_gpu.cpu(), on_cpu)
     assert torch.equal(g16, ref)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("tk, window, lag", [(1, None, 0), (300, None, 32), (777, 100, 5)])
+def test_attention_mass_on_the_gpu_matches_the_reference(tk: int, window, lag: int) -> None:
+    from reference import attention_mass_reference
+
+    from rotatekv.saliency import attention_mass
+
+    g = torch.Generator().manual_seed(tk)
+    b, hq, hkv, d, tq = 2, 9, 3, 64, min(tk, 257)
+    q = torch.randn(b, hq, tq, d, generator=g)
+    k = torch.randn(b, hkv, tk, d, generator=g)
+    kp = torch.arange(tk)[None].expand(b, tk)
+    qp = kp[:, tk - tq :]
+    valid = torch.rand(b, tk, generator=g) > 0.1
+    prior = torch.randn(b, hq, tq, generator=g)
+    kw = dict(window=window, lag=lag, k_valid=valid, prior_lse=prior, softcap=30.0)
+    got = attention_mass(q.cuda(), k.cuda(), qp.cuda(), kp.cuda(), **kw)
+    mass, count, lse = attention_mass_reference(q, k, qp, kp, **kw)
+    np.testing.assert_array_equal(got.count.numpy(), count)
+    np.testing.assert_allclose(got.mass.numpy(), mass, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.lse.numpy(), lse, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ import rotatekv
 from reference import attention_mass_reference
 from rotatekv import KVStore, QuantConfig
 from rotatekv import policy as P
-from rotatekv.saliency import _positions, _torch_mass, attention_mass
+from rotatekv.saliency import _device_mass, _positions, attention_mass
 
 transformers = pytest.importorskip("transformers")
 import rotatekv.hf as rh  # noqa: E402
@@ -73,9 +73,9 @@ def test_kernel_and_torch_version_match_the_dense_reference(
         kw.update(k_valid=valid, prior_lse=prior)
     want = attention_mass_reference(q, k, qp, kp, **kw)
     _close(attention_mass(q, k, qp, kp, **kw), want)
-    # The blockwise torch version (what serves GPU tensors), run here on the CPU.
-    got = _torch_mass(
-        q, k, qp, kp, kw.get("k_valid"), kw.get("prior_lse"), 0.7, softcap, window, lag
+    # The CUDA kernels (their host build, driven through the same binding as on a GPU).
+    got = _device_mass(
+        q, k, qp, kp, kw.get("k_valid"), kw.get("prior_lse"), 0.7, softcap, window, lag, "emu"
     )
     _close(got, want)
 
@@ -123,6 +123,33 @@ def test_attention_mass_refuses_bad_input(change, exc, match) -> None:
     kw.update(change)
     with pytest.raises(exc, match=match):
         attention_mass(**kw)
+
+
+def test_device_binding_checks_its_tensors() -> None:
+    from rotatekv import _rotatekv
+
+    q, k = torch.zeros(1, 2, 3, 8), torch.zeros(1, 1, 3, 8)
+    pos = torch.arange(3)[None]
+    out = dict(
+        lse=torch.empty(1, 2, 3), mass=torch.empty(1, 3), count=torch.empty(1, 3, dtype=torch.int32)
+    )
+
+    def call(device: str = "emu", **change: object) -> None:
+        a = dict(q=q, k=k, q_pos=pos, k_pos=pos, k_valid=None, prior=None, **out)
+        a.update(change)
+        _rotatekv._cuda_attention_mass(device, *a.values(), 0.5, None, None, 0)
+
+    call()
+    with pytest.raises(rotatekv.DTypeError, match="q_pos: expected torch.int64"):
+        call(q_pos=pos.int())
+    with pytest.raises(rotatekv.ShapeError, match="mass: expected a contiguous tensor of 3"):
+        call(mass=torch.empty(1, 4))
+    with pytest.raises(rotatekv.ShapeError, match="k: expected"):
+        call(k=torch.zeros(1, 1, 3, 4))
+    with pytest.raises(rotatekv.DeviceError, match="device"):
+        call("cpu")
+    with pytest.raises(rotatekv.ArgumentError, match="CPU or CUDA"):
+        attention_mass(q.to("meta"), k.to("meta"))
 
 
 def test_positions_broadcast() -> None:
@@ -270,6 +297,50 @@ def test_pivots_get_16_bits_and_text_more_than_images() -> None:
     w = a.widths(0, (1, n), mean, torch.ones(1, n, dtype=torch.bool), types=types)
     assert w[0, 3] == 16 and a.patterns[0] == ["pivot+text"]
     assert w[0, 20:].float().mean() > w[0, 4:20].float().mean()
+
+
+def test_allocator_append_for_custom_models(gen) -> None:
+    """Allocator.append scores a prefill chunk by its queries, appends with the policy's
+    widths, meets the budget over prefill and decode, and a failed append changes nothing."""
+    store = KVStore(2, 2, 32, batch_size=2, config=QuantConfig(bits=2, residual=4))
+    budget = store.class_bits(2) + 1.3
+    a = P.Allocator("saliency", budget, [2, 2], lambda layer, c: store.class_bits(c))
+    k = torch.randn(2, 2, 40, 32, generator=gen)
+    v = torch.randn(2, 2, 40, 32, generator=gen)
+    q = torch.randn(2, 4, 40, 32, generator=gen)
+    q[:, :, :, :] += 3 * k[:, :1, 5:6, :]  # every query leans towards token 5
+    w = a.append(store, 0, k, v, queries=q)
+    assert torch.all(w[:, 5] == w.max())
+    for i in range(6):
+        a.append(store, 0, k[:, :, i : i + 1], v[:, :, i : i + 1])
+    assert store.seq_lens(0) == [46, 46]
+    assert store.bits_per_element(settled=True) == pytest.approx(a.bits_per_element(), rel=1e-9)
+    assert budget - 1.0 / 46 <= a.bits_per_element() <= budget + 1e-9
+    before = (store.bits_per_element(), a.bits_per_element(), a.tokens[0].copy())
+    with pytest.raises(rotatekv.ShapeError):
+        a.append(store, 0, k, v[:, :, :5], queries=q)
+    with pytest.raises(rotatekv.ArgumentError, match="token_types"):
+        a.append(store, 0, k, v, token_types=torch.zeros(2, 3, dtype=torch.int64))
+    after = (store.bits_per_element(), a.bits_per_element(), a.tokens[0].copy())
+    assert before[:2] == after[:2] and np.array_equal(before[2], after[2])
+
+
+def test_a_refused_append_leaves_the_ledgers_as_they_were() -> None:
+    m = tiny("llama")
+    ids, mask = batch(t=20, pads=(0, 0))
+    rh.enable(m, None, QuantConfig(bits=2, residual=4, policy="saliency", budget=5.5))
+    cache = rh.new_cache(m)
+    with torch.no_grad():
+        m(input_ids=ids, cache=cache)
+        a = cache.allocator
+        assert a is not None
+        spent = {k: v.copy() for k, v in a.spent.items()}
+        for s in cache.stores:
+            s.max_tokens = 20
+        with pytest.raises(rotatekv.CapacityError):
+            m(input_ids=ids[:, :3], cache=cache)
+    rh.disable(m)
+    assert all(np.array_equal(spent[k], a.spent[k]) for k in spent)
 
 
 def test_budget_is_checked_by_the_config() -> None:

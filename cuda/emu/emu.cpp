@@ -5,6 +5,7 @@
 #include "../hadamard.cu"
 #include "../quant.cu"
 #include "../attend.cu"
+#include "../saliency.cu"
 
 extern "C" {
 
@@ -29,6 +30,15 @@ void rkv_emu_combine(const RkvCombineParams* p, unsigned gx, unsigned gy, unsign
   emu::launch(emu::dim3(gx, gy), RKV_THREADS, smem, [&] { rkv_combine(*p); });
 }
 
+void rkv_emu_mass_lse(const RkvMassParams* p, unsigned gx, unsigned gy, unsigned gz,
+                      unsigned smem) {
+  emu::launch(emu::dim3(gx, gy, gz), RKV_THREADS, smem, [&] { rkv_mass_lse(*p); });
+}
+
+void rkv_emu_mass_keys(const RkvMassParams* p, unsigned gx, unsigned gy, unsigned smem) {
+  emu::launch(emu::dim3(gx, gy), RKV_THREADS, smem, [&] { rkv_mass_keys(*p); });
+}
+
 // Struct sizes, checked against the Rust mirrors.
 u64 rkv_emu_sizeof(int which) {
   switch (which) {
@@ -41,6 +51,7 @@ u64 rkv_emu_sizeof(int which) {
     case 6: return sizeof(RkvAttendParams);
     case 7: return sizeof(RkvCombineParams);
     case 8: return sizeof(RkvFwhtParams);
+    case 9: return sizeof(RkvMassParams);
     default: return 0;
   }
 }

@@ -202,3 +202,19 @@ def _cuda_nvrtc_version() -> tuple[int, int]: ...
 def _cuda_compile(arch: str) -> dict[str, tuple[str, str]]: ...
 def _cuda_device_count() -> int: ...
 def _cuda_hadamard(x: Tensor, out: Tensor, device: str, inverse: bool) -> None: ...
+def _cuda_attention_mass(
+    device: str,
+    q: Tensor,
+    k: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    k_valid: Tensor | None,
+    prior: Tensor | None,
+    lse: Tensor,
+    mass: Tensor,
+    count: Tensor,
+    scale: float,
+    softcap: float | None,
+    window: int | None,
+    lag: int,
+) -> None: ...

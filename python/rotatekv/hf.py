@@ -459,10 +459,9 @@ def _attention(
         bits = torch.full((b, t), lb[h.layer], dtype=torch.int64)
     tq = query.shape[2]
     qpos = h.positions if position_ids is None else position_ids.to(torch.int64).expand(b, tq)
-    if h.cache.allocator is not None:
-        bits = _policy_bits(
-            h, store, layer, query, qpos, valid, protect, scaling, softcap, sliding_window
-        )
+    alloc = h.cache.allocator
+    # The policy's ledgers are charged before the append: put back if anything fails.
+    snap = None if alloc is None else alloc.snapshot()
     # A chunk's queries read their newest `r` tokens in 16 bits, as decode does (where the
     # store's recent window holds them): the ones before the chunk from that window, before
     # the chunk drains it, the chunk's own from the chunk; the older ones from the packed
@@ -481,7 +480,18 @@ def _attention(
     before = None
     if r > 0 and h.cache.layers[h.layer].slots > 0:
         before = att(window=min(r, sliding_window or r), return_lse=True)
-    store.append(layer, h.k, h.v, positions=h.positions, protect=protect, valid=valid, bits=bits)
+    try:
+        if alloc is not None:
+            bits = _policy_bits(
+                h, store, layer, query, qpos, valid, protect, scaling, softcap, sliding_window
+            )
+        store.append(
+            layer, h.k, h.v, positions=h.positions, protect=protect, valid=valid, bits=bits
+        )
+    except BaseException:
+        if alloc is not None and snap is not None:
+            alloc.restore(snap)
+        raise
     # Counted only once stored, so a refused append leaves the cache as it was.
     h.cache.layers[h.layer].slots += t
     if protect is not None:

@@ -21,13 +21,14 @@ layers, in the units of ``KVStore.bits_per_element`` (codes, scales, zeros, posi
 tokens) with every token counted at the class it is stored in once it leaves the recent
 window. Sinks (the calibration's massive-activation rule, typically a sequence's first
 token) stay 16-bit outside the budget: where they fall is only known layer by layer, and a
-shared budget would let the first layers spend what later layers' sinks need. Each (layer, sequence) keeps a ledger; an append spends what the tokens before it
-left, ``budget * tokens - spent``, less what the other layers of the sequence overspent (a
-budget below a layer's floor) or plus what they left. So the average meets the
-budget to within about one class step over the tokens, after a one-pass prefill, a chunked
-one, or token-by-token decoding (where, without statistics, tokens share the budget evenly).
-Layers of a calibration with wider layers keep their difference: a layer stored ``w`` bits
-wider has ``w`` bits more of the budget.
+shared budget would let the first layers spend what later layers' sinks need. Each (layer,
+sequence) keeps a ledger; an append spends what the tokens before it left,
+``budget * tokens - spent``, less what the other layers of the sequence overspent (a budget
+below a layer's floor) or plus what they left. So the average meets the budget to within
+about one class step over the tokens, after a one-pass prefill, a chunked one, or
+token-by-token decoding (where, without statistics, tokens share the budget evenly). Layers
+of a calibration with wider layers keep their difference: a layer stored ``w`` bits wider
+has ``w`` bits more of the budget (and its tokens may still go down to ``QuantConfig.bits``).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ._rotatekv import ArgumentError
+from ._rotatekv import ArgumentError, KVStore
+from .saliency import attention_mass
 
 PolicyName = Literal["fixed", "saliency", "akvq"]
 POLICIES: tuple[str, ...] = ("fixed", "saliency", "akvq")
@@ -230,6 +232,22 @@ class Allocator:
             if m != exclude
         )
 
+    def snapshot(self) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[int, int]]:
+        """The ledgers as they are, for :meth:`restore` when the append they were charged
+        for fails (a failed call leaves everything as it was)."""
+        return (
+            {k: v.copy() for k, v in self.spent.items()},
+            {k: v.copy() for k, v in self.tokens.items()},
+            {k: len(v) for k, v in self.patterns.items()},
+        )
+
+    def restore(
+        self, snap: tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[int, int]]
+    ) -> None:
+        spent, tokens, pats = snap
+        self.spent, self.tokens = spent, tokens
+        self.patterns = {k: v[: pats.get(k, 0)] for k, v in self.patterns.items() if pats.get(k)}
+
     def reorder(self, index: torch.Tensor) -> None:
         """Beam search: sequence ``i`` becomes old sequence ``index[i]``."""
         idx = index.cpu().numpy()
@@ -291,6 +309,65 @@ class Allocator:
             tokens[i] += n
         self.patterns.setdefault(layer, []).extend(pats)
         return out
+
+    def append(
+        self,
+        store: KVStore,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        positions: torch.Tensor | None = None,
+        protect: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        token_types: torch.Tensor | None = None,
+        queries: torch.Tensor | None = None,
+        scored_keys: torch.Tensor | None = None,
+        scale: float | None = None,
+        softcap: float | None = None,
+        window: int | None = None,
+    ) -> torch.Tensor:
+        """``store.append`` with the policy's widths, for custom models; returns them.
+
+        A prefill chunk passes its ``queries`` ``[B, Hq, T, D]`` and the keys as they score
+        against them (``scored_keys``, after RoPE; default ``k``): its tokens are then ranked
+        by the attention they receive (the softmax covering what ``store`` already holds).
+        Without queries (decoding) tokens share the budget evenly. ``store``'s layer
+        ``layer`` is this allocator's layer ``layer``; arguments as in ``KVStore.append``."""
+        b, _, t, _ = k.shape
+        pos = None if positions is None else torch.as_tensor(positions).to(torch.int64)
+        if pos is not None and pos.ndim == 1:
+            pos = pos[None].expand(b, t)
+        vmask = None if valid is None else torch.as_tensor(valid).to("cpu", torch.bool)
+        sinks = None if protect is None else torch.as_tensor(protect).to("cpu", torch.bool)
+        mean = counted = None
+        if queries is not None:
+            if pos is None:
+                start = torch.tensor(store.seq_lens(layer), dtype=torch.int64)[:, None]
+                pos = start + torch.arange(t)[None]
+            prior = None
+            if max(store.seq_lens(layer)) > 0:
+                _, prior = store.attend(
+                    layer, queries.float(), positions=pos, scale=scale, softcap=softcap,
+                    window=window, return_lse=True,
+                )  # fmt: skip
+            m = attention_mass(
+                queries, k if scored_keys is None else scored_keys, pos, pos, k_valid=vmask,
+                prior_lse=prior, scale=scale, softcap=softcap, window=window,
+                lag=int(store.config["residual"]),
+            )  # fmt: skip
+            mean, counted = m.mean(queries.shape[1]), m.count > 0
+        types = None if token_types is None else torch.as_tensor(token_types).to("cpu")
+        if types is not None and tuple(types.shape) != (b, t):
+            raise ArgumentError(f"token_types: expected shape [{b}, {t}], got {tuple(types.shape)}")
+        snap = self.snapshot()
+        w = self.widths(layer, (b, t), mean, counted, vmask, sinks, types)
+        try:
+            store.append(layer, k, v, positions=pos, protect=protect, valid=valid, bits=w)
+        except BaseException:
+            self.restore(snap)
+            raise
+        return w
 
     def bits_per_element(self) -> float:
         """The average the ledgers hold: every token the policy placed (sinks are not) at

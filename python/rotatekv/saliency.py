@@ -2,10 +2,11 @@
 
 :func:`attention_mass` sums, for every key of a chunk, the softmax probability each query
 (every head) gives it, without building attention maps: on CPU tensors a Rust kernel builds
-one query's score row at a time and adds its probabilities into per-key sums; on other
-devices a blockwise torch version (blocks of queries) does the same. The softmax of a query
-may cover keys outside the chunk (the packed store): pass their log-sum-exp as
-``prior_lse`` (``KVStore.attend(..., return_lse=True)`` gives it).
+one query's score row at a time and adds its probabilities into per-key sums; on CUDA
+tensors two kernels (``cuda/saliency.cu``) take each query row's log-sum-exp, then give each
+key a thread that sums its probabilities over the query rows, staged through shared memory.
+The softmax of a query may cover keys outside the chunk (the packed store): pass their
+log-sum-exp as ``prior_lse`` (``KVStore.attend(..., return_lse=True)`` gives it).
 
 Bit-allocation policies (:mod:`rotatekv.policy`) read the mean attention a token receives
 from the queries that read it quantized (``lag`` = the recent window's length).
@@ -19,9 +20,6 @@ import torch
 
 from ._rotatekv import ArgumentError, ShapeError
 from ._rotatekv import _attention_mass as _kernel
-
-# Queries per block of the torch version: bounds its temporary at B*Hq*BLOCK*Tk floats.
-_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -115,8 +113,11 @@ def attention_mass(
         raise ArgumentError(f"scale: expected a finite value > 0, got {scale!r}")
     if softcap is not None and not 0.0 < float(softcap) < float("inf"):
         raise ArgumentError(f"softcap: expected a finite value > 0, got {softcap!r}")
+    if q.device.type == "cuda":
+        dev = f"cuda:{q.device.index or 0}"
+        return _device_mass(q, k, qp, kp, kv, pl, sc, softcap, window, lag, dev)
     if q.device.type != "cpu":
-        return _torch_mass(q, k, qp, kp, kv, pl, sc, softcap, window, lag)
+        raise ArgumentError(f"q: expected a CPU or CUDA tensor, got one on {q.device}")
 
     def host(x: torch.Tensor, dtype: torch.dtype) -> object:
         return x.detach().to("cpu", dtype).contiguous().numpy()
@@ -138,7 +139,7 @@ def attention_mass(
     )
 
 
-def _torch_mass(
+def _device_mass(
     q: torch.Tensor,
     k: torch.Tensor,
     qp: torch.Tensor,
@@ -149,38 +150,36 @@ def _torch_mass(
     softcap: float | None,
     window: int | None,
     lag: int,
+    device: str,
 ) -> Mass:
-    """The same with torch operations on blocks of queries (any device)."""
-    b, hq, tq, d = q.shape
-    hkv, tk = k.shape[1], k.shape[2]
-    g = hq // hkv
+    """The CUDA kernels (``cuda/saliency.cu``) on ``device``: ``"cuda:N"``, or ``"emu"``
+    (their host build, on CPU tensors, for tests)."""
+    from . import _rotatekv
+
     dev = q.device
-    qp, kp = qp.to(dev), kp.to(dev)
-    kf = k.float()[:, :, None]  # [B, Hkv, 1, Tk, D]
-    mass = torch.zeros(b, tk, dtype=torch.float32, device=dev)
-    count = torch.zeros(b, tk, dtype=torch.int64, device=dev)
-    lse_all = torch.empty(b, hq, tq, dtype=torch.float32, device=dev)
-    for t0 in range(0, tq, _BLOCK):
-        t1 = min(t0 + _BLOCK, tq)
-        qb = q[:, :, t0:t1].float().reshape(b, hkv, g, t1 - t0, d)
-        s = (qb @ kf.transpose(-1, -2)) * scale  # [B, Hkv, G, tb, Tk]
-        if softcap is not None:
-            s = softcap * torch.tanh(s / softcap)
-        dist = qp[:, t0:t1, None] - kp[:, None, :]  # [B, tb, Tk]
-        vis = dist >= 0
-        if window is not None:
-            vis &= dist < window
-        if kv is not None:
-            vis &= kv.to(dev)[:, None, :]
-        s = s.masked_fill(~vis[:, None, None], float("-inf"))
-        lse = torch.logsumexp(s, -1)  # [B, Hkv, G, tb]
-        if prior is not None:
-            pb = prior[:, :, t0:t1].to(dev, torch.float32).reshape(b, hkv, g, t1 - t0)
-            lse = torch.logaddexp(lse, pb)
-        lse_all[:, :, t0:t1] = lse.reshape(b, hq, t1 - t0)
-        counted = vis & (dist >= lag)
-        p = torch.exp(s - lse[..., None].clamp(min=-3.0e38)).nan_to_num(0.0)
-        p = p * counted[:, None, None]
-        mass += p.sum(dim=(1, 2, 3))
-        count += counted.sum(1)
-    return Mass(mass.cpu(), count.cpu(), lse_all.cpu())
+    b, hq, tq, _ = q.shape
+    tk = k.shape[2]
+
+    def on(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x.detach().to(dev, dtype).contiguous()
+
+    lse = torch.empty(b, hq, tq, dtype=torch.float32, device=dev)
+    mass = torch.empty(b, tk, dtype=torch.float32, device=dev)
+    count = torch.empty(b, tk, dtype=torch.int32, device=dev)
+    _rotatekv._cuda_attention_mass(
+        device,
+        on(q, torch.float32),
+        on(k, torch.float32),
+        on(qp, torch.int64),
+        on(kp, torch.int64),
+        None if kv is None else on(kv, torch.uint8),
+        None if prior is None else on(prior, torch.float32),
+        lse,
+        mass,
+        count,
+        scale,
+        None if softcap is None else float(softcap),
+        window,
+        lag,
+    )
+    return Mass(mass.cpu(), count.cpu().to(torch.int64), lse.cpu())

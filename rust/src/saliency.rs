@@ -75,7 +75,41 @@ pub struct Mass {
     pub lse: Vec<f32>,
 }
 
+/// Checks sizes and scalars shared by the CPU and device versions.
+pub fn check_dims(
+    dims: MassDims,
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+) -> Result<()> {
+    let MassDims { hq, hkv, .. } = dims;
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(Error::shape(
+            "q",
+            format!("query heads a multiple of the {hkv} KV heads"),
+            hq.to_string(),
+        ));
+    }
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::value(
+            "scale",
+            "a finite value > 0",
+            scale.to_string(),
+        ));
+    }
+    if let Some(c) = softcap {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(Error::value("softcap", "a finite value > 0", c.to_string()));
+        }
+    }
+    if window == Some(0) {
+        return Err(Error::value("window", "at least 1", "0"));
+    }
+    Ok(())
+}
+
 fn check(a: &MassArgs) -> Result<()> {
+    check_dims(a.dims, a.scale, a.softcap, a.window)?;
     let MassDims {
         b,
         hq,
@@ -84,13 +118,6 @@ fn check(a: &MassArgs) -> Result<()> {
         tk,
         d,
     } = a.dims;
-    if hkv == 0 || hq % hkv != 0 {
-        return Err(Error::shape(
-            "q",
-            format!("query heads a multiple of the {hkv} KV heads"),
-            hq.to_string(),
-        ));
-    }
     let want = [
         ("q", a.q.len(), b * hq * tq * d),
         ("k", a.k.len(), b * hkv * tk * d),
@@ -119,21 +146,6 @@ fn check(a: &MassArgs) -> Result<()> {
                 p.len().to_string(),
             ));
         }
-    }
-    if !(a.scale.is_finite() && a.scale > 0.0) {
-        return Err(Error::value(
-            "scale",
-            "a finite value > 0",
-            a.scale.to_string(),
-        ));
-    }
-    if let Some(c) = a.softcap {
-        if !(c.is_finite() && c > 0.0) {
-            return Err(Error::value("softcap", "a finite value > 0", c.to_string()));
-        }
-    }
-    if a.window == Some(0) {
-        return Err(Error::value("window", "at least 1", "0"));
     }
     Ok(())
 }

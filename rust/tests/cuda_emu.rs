@@ -42,6 +42,7 @@ fn struct_sizes_match_the_compiled_header() {
         std::mem::size_of::<RkvAttendParams>(),
         std::mem::size_of::<RkvCombineParams>(),
         std::mem::size_of::<RkvFwhtParams>(),
+        std::mem::size_of::<RkvMassParams>(),
     ];
     let c = emu::c_sizes();
     for (i, (r, c)) in rust.iter().zip(c).enumerate() {
@@ -944,4 +945,94 @@ fn host_calls_on_a_device_store_are_refused() {
         tokens: TokenArgs::default(),
     };
     assert!(matches!(h.append_device(0, &da), Err(Error::Device { .. })));
+}
+
+#[test]
+fn attention_mass_kernels_match_the_cpu_kernel() {
+    use rotatekv::cuda::backend::EmuBackend;
+    use rotatekv::cuda::launch::{attention_mass as device_mass, MassBuffers};
+    use rotatekv::saliency::{attention_mass, MassArgs, MassDims};
+    let mut rng = Rng(seed());
+    let backend = EmuBackend::shared();
+    // Odd sizes, GQA, a chunk after earlier tokens (prior), windows, soft-capping, lags,
+    // padding, more keys than one block of threads.
+    for case in 0..6 {
+        let hkv = 1 + rng.below(3);
+        let dims = MassDims {
+            b: 1 + rng.below(2),
+            hq: hkv * (1 + rng.below(3)),
+            tq: 1 + rng.below(20),
+            hkv,
+            tk: 0,
+            d: 1 + rng.below(40),
+        };
+        let dims = MassDims {
+            tk: dims.tq + rng.below(if case == 0 { 200 } else { 20 }),
+            ..dims
+        };
+        let MassDims {
+            b, hq, tq, tk, d, ..
+        } = dims;
+        let q = rng.vec(b * hq * tq * d, 2.0);
+        let k = rng.vec(b * hkv * tk * d, 2.0);
+        let mut k_pos = Vec::new();
+        let mut q_pos = Vec::new();
+        for _ in 0..b {
+            let base = rng.below(30) as i64;
+            let ks: Vec<i64> = (0..tk as i64).map(|j| base + 2 * j).collect();
+            q_pos.extend_from_slice(&ks[tk - tq..]);
+            k_pos.extend(ks);
+        }
+        let valid: Vec<bool> = (0..b * tk).map(|_| rng.below(8) > 0).collect();
+        let valid_u8: Vec<u8> = valid.iter().map(|v| *v as u8).collect();
+        let prior = rng.vec(b * hq * tq, 3.0);
+        let extras = case % 2 == 1;
+        let window = (case >= 3).then(|| 1 + rng.below(12));
+        let softcap = (case >= 2).then_some(1.7f32);
+        let lag = rng.below(6);
+        let args = MassArgs {
+            q: &q,
+            k: &k,
+            dims,
+            q_pos: &q_pos,
+            k_pos: &k_pos,
+            k_valid: extras.then_some(&valid[..]),
+            prior_lse: extras.then_some(&prior[..]),
+            scale: 0.4,
+            softcap,
+            window,
+            lag,
+        };
+        let want = attention_mass(&args).unwrap();
+        let mut lse = vec![0f32; b * hq * tq];
+        let mut mass = vec![0f32; b * tk];
+        let mut count = vec![0i32; b * tk];
+        let buf = MassBuffers {
+            q: q.as_ptr() as u64,
+            k: k.as_ptr() as u64,
+            q_pos: q_pos.as_ptr() as u64,
+            k_pos: k_pos.as_ptr() as u64,
+            k_valid: if extras { valid_u8.as_ptr() as u64 } else { 0 },
+            prior: if extras { prior.as_ptr() as u64 } else { 0 },
+            lse: lse.as_mut_ptr() as u64,
+            mass: mass.as_mut_ptr() as u64,
+            count: count.as_mut_ptr() as u64,
+        };
+        device_mass(&backend, &buf, dims, 0.4, softcap, window, lag).unwrap();
+        let ctx = format!("case {case}: {dims:?} window {window:?} lag {lag}");
+        let got: Vec<u32> = count.iter().map(|c| *c as u32).collect();
+        assert_eq!(got, want.count, "{ctx}");
+        for (g, w) in mass.iter().zip(&want.mass) {
+            assert!(
+                (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "{ctx}: mass {g} vs {w}"
+            );
+        }
+        for (g, w) in lse.iter().zip(&want.lse) {
+            assert!(
+                (g.is_infinite() && g == w) || (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "{ctx}: lse {g} vs {w}"
+            );
+        }
+    }
 }

@@ -220,6 +220,35 @@ pub struct RkvFwhtParams {
     pub pad: i32,
 }
 
+/// `rkv_mass_lse` / `rkv_mass_keys` parameters (cuda/saliency.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct RkvMassParams {
+    pub q: u64,
+    pub k: u64,
+    pub q_pos: u64,
+    pub k_pos: u64,
+    pub k_valid: u64,
+    pub prior: u64,
+    pub lse: u64,
+    pub mass: u64,
+    pub count: u64,
+    pub batch: i32,
+    pub hq: i32,
+    pub tq: i32,
+    pub hkv: i32,
+    pub tk: i32,
+    pub d: i32,
+    pub window: i32,
+    pub lag: i32,
+    pub scale: f32,
+    pub softcap: f32,
+}
+
+/// Query rows `rkv_mass_keys` stages through shared memory at a time (`RKV_MASS_TILE`).
+pub const MASS_TILE: usize = 8;
+
 /// The five class layouts of a store, by class index.
 pub fn layouts(meta: &Meta) -> [RkvLayout; 5] {
     std::array::from_fn(|i| RkvLayout::from(&meta.layouts[i]))
@@ -319,5 +348,6 @@ mod tests {
         assert_eq!(std::mem::size_of::<RkvAttendParams>(), 176 + 5 * 72);
         assert_eq!(std::mem::size_of::<RkvCombineParams>(), 88);
         assert_eq!(std::mem::size_of::<RkvFwhtParams>(), 40);
+        assert_eq!(std::mem::size_of::<RkvMassParams>(), 112);
     }
 }

@@ -28,6 +28,8 @@ pub enum Launch<'a> {
     Attend(&'a RkvAttendParams, [u32; 3], usize),
     /// `rkv_combine(p)`.
     Combine(&'a RkvCombineParams),
+    /// `rkv_mass_lse(p)`, or `rkv_mass_keys(p)` when the flag is set.
+    Mass(&'a RkvMassParams, bool, [u32; 3], usize),
 }
 
 /// Device memory and kernel launches.
@@ -237,6 +239,7 @@ impl Backend for EmuBackend {
                 Launch::Channel(p) => emu::channel_keys(p),
                 Launch::Attend(p, g, m) => emu::attend(p, g, m),
                 Launch::Combine(p) => emu::combine(p),
+                Launch::Mass(p, keys, g, m) => emu::mass(p, keys, g, m),
             }
         }
         Ok(())
@@ -299,12 +302,14 @@ pub fn device_count() -> usize {
     result::device::get_count().map_or(0, |n| n.max(0) as usize)
 }
 
-const KERNELS: [(&str, &str); 5] = [
+const KERNELS: [(&str, &str); 7] = [
     ("hadamard.cu", "rkv_fwht"),
     ("quant.cu", "rkv_append"),
     ("quant.cu", "rkv_channel_keys"),
     ("attend.cu", "rkv_attend"),
     ("attend.cu", "rkv_combine"),
+    ("saliency.cu", "rkv_mass_lse"),
+    ("saliency.cu", "rkv_mass_keys"),
 ];
 
 impl CudaBackend {
@@ -518,6 +523,14 @@ impl Backend for CudaBackend {
                 p.d as usize * 4,
                 &mut [arg(p)],
             ),
+            Launch::Mass(p, keys, g, m) => {
+                let name = if keys {
+                    "rkv_mass_keys"
+                } else {
+                    "rkv_mass_lse"
+                };
+                self.raw_launch(name, g, m, &mut [arg(p)])
+            }
         }
     }
     fn set_stream(&self, stream: u64) {

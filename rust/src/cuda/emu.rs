@@ -9,11 +9,13 @@ extern "C" {
     fn rkv_emu_channel_keys(p: *const RkvChannelParams, gx: u32, gy: u32);
     fn rkv_emu_attend(p: *const RkvAttendParams, gx: u32, gy: u32, gz: u32, smem: u32);
     fn rkv_emu_combine(p: *const RkvCombineParams, gx: u32, gy: u32, smem: u32);
+    fn rkv_emu_mass_lse(p: *const RkvMassParams, gx: u32, gy: u32, gz: u32, smem: u32);
+    fn rkv_emu_mass_keys(p: *const RkvMassParams, gx: u32, gy: u32, smem: u32);
     fn rkv_emu_sizeof(which: i32) -> u64;
 }
 
 /// `sizeof` of the header's structs, in the order of [`super::abi`]'s definitions.
-pub fn c_sizes() -> [u64; 9] {
+pub fn c_sizes() -> [u64; 10] {
     // SAFETY: a pure function of its argument.
     std::array::from_fn(|i| unsafe { rkv_emu_sizeof(i as i32) })
 }
@@ -61,4 +63,19 @@ pub unsafe fn attend(p: &RkvAttendParams, grid: [u32; 3], smem: usize) {
 pub unsafe fn combine(p: &RkvCombineParams) {
     // SAFETY: the caller guarantees the buffers.
     unsafe { rkv_emu_combine(p, (p.hq * p.tq) as u32, p.batch as u32, (p.d * 4) as u32) }
+}
+
+/// Runs `rkv_mass_lse` or, with `keys`, `rkv_mass_keys`.
+///
+/// # Safety
+/// Every address in `p` must be valid host memory of the sizes `p` implies.
+pub unsafe fn mass(p: &RkvMassParams, keys: bool, grid: [u32; 3], smem: usize) {
+    // SAFETY: the caller guarantees the buffers.
+    unsafe {
+        if keys {
+            rkv_emu_mass_keys(p, grid[0], grid[1], smem as u32)
+        } else {
+            rkv_emu_mass_lse(p, grid[0], grid[1], grid[2], smem as u32)
+        }
+    }
 }

@@ -16,10 +16,11 @@ pub mod nvrtc;
 pub const HEADER: &str = include_str!("../../../cuda/rotatekv.cuh");
 
 /// Kernel files: (file name, source).
-pub const KERNEL_FILES: [(&str, &str); 3] = [
+pub const KERNEL_FILES: [(&str, &str); 4] = [
     ("hadamard.cu", include_str!("../../../cuda/hadamard.cu")),
     ("quant.cu", include_str!("../../../cuda/quant.cu")),
     ("attend.cu", include_str!("../../../cuda/attend.cu")),
+    ("saliency.cu", include_str!("../../../cuda/saliency.cu")),
 ];
 
 /// A kernel file with the header pasted in place of its include line (NVRTC then needs no

@@ -144,6 +144,59 @@ pub fn dev_tensor(obj: &Bound<'_, PyAny>, arg: &str, store_device: &str) -> PyRe
     })
 }
 
+/// The address of a contiguous torch tensor of `numel` elements of `dtype` (a torch dtype
+/// name such as `"torch.int64"`) on `store_device`: arrays that are not 4-D float tensors.
+pub fn raw_tensor(
+    obj: &Bound<'_, PyAny>,
+    arg: &str,
+    store_device: &str,
+    dtype: &str,
+    numel: usize,
+) -> PyResult<u64> {
+    let py = obj.py();
+    let is_tensor = obj
+        .get_type()
+        .module()
+        .map(|m| m.to_string().starts_with("torch"))
+        .unwrap_or(false)
+        && obj.hasattr("data_ptr")?;
+    if !is_tensor {
+        return Err(dtype_err(
+            py,
+            format!(
+                "{arg}: expected a torch.Tensor, got {}",
+                obj.get_type().name()?
+            ),
+        ));
+    }
+    let dev: String = obj.getattr("device")?.str()?.extract()?;
+    let want = torch_device(store_device);
+    let dev = if dev == "cuda" {
+        "cuda:0".to_string()
+    } else {
+        dev
+    };
+    if dev != want {
+        return Err(device_err(
+            py,
+            format!("{arg}: expected a tensor on {want}, got {dev}"),
+        ));
+    }
+    let got: String = obj.getattr("dtype")?.str()?.extract()?;
+    if got != dtype {
+        return Err(dtype_err(py, format!("{arg}: expected {dtype}, got {got}")));
+    }
+    let n: usize = obj.call_method0("numel")?.extract()?;
+    let contiguous: bool = obj.call_method0("is_contiguous")?.extract()?;
+    if n != numel || !contiguous {
+        return Err(shape_err(
+            py,
+            format!("{arg}: expected a contiguous tensor of {numel} elements, got {n}"),
+        ));
+    }
+    obj.call_method0("data_ptr")?.extract()
+}
+
 /// Makes the backend run on torch's current stream of the store's device.
 pub fn use_torch_stream(py: Python<'_>, backend: &Arc<dyn Backend>) -> PyResult<()> {
     let name = backend.name();

@@ -204,6 +204,87 @@ fn _cuda_hadamard(
     res.map_err(|e| errors::to_py(py, e))
 }
 
+/// Attention mass on a device (`rotatekv.saliency` allocates the outputs and checks the
+/// arguments): fills `lse [B, Hq, Tq]`, `mass [B, Tk]` and `count [B, Tk]`.
+#[pyfunction]
+#[pyo3(signature = (device, q, k, q_pos, k_pos, k_valid, prior, lse, mass, count, scale, softcap, window, lag))]
+#[allow(clippy::too_many_arguments)]
+fn _cuda_attention_mass(
+    py: Python<'_>,
+    device: &str,
+    q: Bound<'_, PyAny>,
+    k: Bound<'_, PyAny>,
+    q_pos: Bound<'_, PyAny>,
+    k_pos: Bound<'_, PyAny>,
+    k_valid: Option<Bound<'_, PyAny>>,
+    prior: Option<Bound<'_, PyAny>>,
+    lse: Bound<'_, PyAny>,
+    mass: Bound<'_, PyAny>,
+    count: Bound<'_, PyAny>,
+    scale: f32,
+    softcap: Option<f32>,
+    window: Option<usize>,
+    lag: usize,
+) -> PyResult<()> {
+    let backend = device::backend_for(py, device)?
+        .ok_or_else(|| errors::device_err(py, "device: expected a device, got 'cpu'".into()))?;
+    let name = backend.name();
+    let (b, hq, tq, d) = {
+        let s: Vec<usize> = q.getattr("shape")?.extract()?;
+        if s.len() != 4 {
+            return Err(errors::shape_err(
+                py,
+                format!("q: expected [B, Hq, Tq, D], got {s:?}"),
+            ));
+        }
+        (s[0], s[1], s[2], s[3])
+    };
+    let ks: Vec<usize> = k.getattr("shape")?.extract()?;
+    if ks.len() != 4 || ks[0] != b || ks[3] != d {
+        return Err(errors::shape_err(
+            py,
+            format!("k: expected [{b}, Hkv, Tk, {d}] (q's batch and head size), got {ks:?}"),
+        ));
+    }
+    let (hkv, tk) = (ks[1], ks[2]);
+    let f32s = "torch.float32";
+    let ptr = |o: &Bound<'_, PyAny>, arg: &str, dtype: &str, n: usize| {
+        device::raw_tensor(o, arg, &name, dtype, n)
+    };
+    let buf = crate::cuda::launch::MassBuffers {
+        q: ptr(&q, "q", f32s, b * hq * tq * d)?,
+        k: ptr(&k, "k", f32s, b * hkv * tk * d)?,
+        q_pos: ptr(&q_pos, "q_pos", "torch.int64", b * tq)?,
+        k_pos: ptr(&k_pos, "k_pos", "torch.int64", b * tk)?,
+        k_valid: match &k_valid {
+            Some(v) => ptr(v, "k_valid", "torch.uint8", b * tk)?,
+            None => 0,
+        },
+        prior: match &prior {
+            Some(v) => ptr(v, "prior_lse", f32s, b * hq * tq)?,
+            None => 0,
+        },
+        lse: ptr(&lse, "lse", f32s, b * hq * tq)?,
+        mass: ptr(&mass, "mass", f32s, b * tk)?,
+        count: ptr(&count, "count", "torch.int32", b * tk)?,
+    };
+    let dims = crate::saliency::MassDims {
+        b,
+        hq,
+        tq,
+        hkv,
+        tk,
+        d,
+    };
+    device::use_torch_stream(py, &backend)?;
+    let res = py.detach(|| {
+        device::guard(|| {
+            crate::cuda::launch::attention_mass(&backend, &buf, dims, scale, softcap, window, lag)
+        })
+    });
+    res.map_err(|e| errors::to_py(py, e))
+}
+
 #[pymodule]
 fn _rotatekv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
@@ -219,5 +300,6 @@ fn _rotatekv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_cuda_compile, m)?)?;
     m.add_function(wrap_pyfunction!(_cuda_device_count, m)?)?;
     m.add_function(wrap_pyfunction!(_cuda_hadamard, m)?)?;
+    m.add_function(wrap_pyfunction!(_cuda_attention_mass, m)?)?;
     Ok(())
 }

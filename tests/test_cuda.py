@@ -364,7 +364,6 @@ def test_transformers_generation_on_a_cuda_model() -> None:
 @pytest.mark.parametrize("tk, window, lag", [(1, None, 0), (300, None, 32), (777, 100, 5)])
 def test_attention_mass_on_the_gpu_matches_the_reference(tk: int, window, lag: int) -> None:
     from reference import attention_mass_reference
-
     from rotatekv.saliency import attention_mass
 
     g = torch.Generator().manual_seed(tk)

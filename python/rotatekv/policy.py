@@ -248,6 +248,15 @@ class Allocator:
         self.spent, self.tokens = spent, tokens
         self.patterns = {k: v[: pats.get(k, 0)] for k, v in self.patterns.items() if pats.get(k)}
 
+    def _headroom(self, seq: int, layer: int, n: int) -> float:
+        """What the layers after ``layer`` can still give up for ``n`` more tokens each:
+        their budget above the floor, less what earlier layers already overspent."""
+        later = sum(
+            max(0.0, self.layer_budget[m] - self.costs[m][self.floor]) * n
+            for m in range(layer + 1, len(self.layer_bits))
+        )
+        return later - max(0.0, self._excess(seq, exclude=layer))
+
     def reorder(self, index: torch.Tensor) -> None:
         """Beam search: sequence ``i`` becomes old sequence ``index[i]``."""
         idx = index.cpu().numpy()
@@ -302,7 +311,33 @@ class Allocator:
                 scores, pat = akvq_scores(mean[i].cpu(), counted[i].cpu() & free, ty, self.rule)
                 pats.append(pat)
             fi = torch.nonzero(free).flatten()
-            w = water_fill(scores[fi].numpy(), base, cost.__getitem__, spend)
+            if mean is not None and counted is not None:
+                # Tokens no query read packed yet (the chunk's newest, now in the recent
+                # window) have no statistics: they keep the layer's own width, as the fixed
+                # policy would store them, so the window costs what it costs there.
+                blind = ~counted[i].cpu()[fi]
+                own = self.layer_bits[layer]
+                out[i, fi[blind]] = own
+                spend -= int(blind.sum()) * cost[own]
+                spent[i] += int(blind.sum()) * cost[own]
+                fi = fi[~blind]
+            sc = scores[fi]
+            pivots = sc >= _PIVOT_SCORE
+            npiv = int(pivots.sum())
+            if npiv:
+                # AKVQ-VL keeps a pivot-salient layer's pivots whole even where the layer's
+                # own share cannot pay for them (2-bit layers): the layers after it pay,
+                # as far as they can go down to the floor. Beyond that they compete in
+                # the water-fill like any token.
+                extra = npiv * (cost[16] - cost[base])
+                slack = spend - len(fi) * cost[base]
+                if extra <= slack + self._headroom(i, layer, n):
+                    spend -= npiv * cost[16]
+                    sc = sc[~pivots]
+                    fi, piv_idx = fi[~pivots], fi[pivots]
+                    out[i, piv_idx] = 16
+                    spent[i] += npiv * cost[16]
+            w = water_fill(sc.numpy(), base, cost.__getitem__, spend)
             out[i, fi] = torch.from_numpy(w)
             out[i, sink] = 16
             spent[i] += sum(cost[c] for c in w.tolist())

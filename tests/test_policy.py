@@ -343,6 +343,33 @@ def test_a_refused_append_leaves_the_ledgers_as_they_were() -> None:
     assert all(np.array_equal(spent[k], a.spent[k]) for k in spent)
 
 
+def test_pivots_of_a_floor_layer_are_paid_by_later_layers() -> None:
+    """A 2-bit layer at its floor keeps its pivots in 16 bits when the layers after it can
+    give the bits back; the last layer cannot borrow; the total still meets the budget."""
+    cost = lambda layer, c: COST[c]  # noqa: E731
+    n = 100
+    mean = torch.full((1, n), 0.01)
+    mean[0, 7] = 5.0  # one pivot takes most of the attention
+    counted = torch.ones(1, n, dtype=torch.bool)
+    counted[0, -4:] = False  # the chunk's newest: no statistics
+    budget = (COST[2] + COST[3]) / 2
+    a = P.Allocator("akvq", budget, [2, 3], cost, P.AkvqRule(pivot_fraction=0.01))
+    w0 = a.widths(0, (1, n), mean, counted)
+    w1 = a.widths(1, (1, n), mean, counted)
+    assert w0[0, 7] == 16 and a.patterns[0] == ["pivot"]
+    assert torch.all(w0[0, -4:] == 2) and torch.all(w1[0, -4:] == 3)  # the layers' widths
+    assert w1[0, 7] == 16
+    # Layer 1 gave up what layer 0's pivot took: some of its tokens went down to 2 bits.
+    assert int((w1 == 2).sum()) > 0
+    total = a.spent[0][0] + a.spent[1][0]
+    assert budget * 2 * n - 1.0 <= total <= budget * 2 * n + 1e-9
+    # The last layer has nobody to borrow from: at its floor, its pivot stays narrow.
+    b = P.Allocator("akvq", COST[2], [2, 2], cost, P.AkvqRule(pivot_fraction=0.01))
+    b.widths(0, (1, n), mean * 0 + 0.01, counted)
+    w = b.widths(1, (1, n), mean, counted)
+    assert w[0, 7] == 2
+
+
 def test_budget_is_checked_by_the_config() -> None:
     with pytest.raises(rotatekv.ArgumentError, match="budget: expected bits per element"):
         QuantConfig(policy="akvq")

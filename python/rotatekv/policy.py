@@ -11,7 +11,9 @@ class of every token at append time:
   attention-weighted quantization error (:func:`water_fill`);
 * ``"akvq"``: AKVQ-VL's patterns, detected per layer from the same statistics: a layer is
   *pivot-token-salient* when its few most attended tokens (``pivot_fraction`` of the chunk)
-  receive at least ``pivot_mass`` of the attention, and those pivots are kept in 16 bits; it
+  receive at least ``pivot_mass`` of the attention, and those pivots are kept in 16 bits
+  (a layer whose own share cannot pay for them borrows from the layers after it, down to
+  their floor); it
   is *text-salient* when text tokens get at least ``text_ratio`` times the mean attention of
   other tokens (vision-language models: token types), and text tokens get more bits; other
   tokens share what is left evenly.
@@ -26,9 +28,11 @@ sequence) keeps a ledger; an append spends what the tokens before it left,
 ``budget * tokens - spent``, less what the other layers of the sequence overspent (a budget
 below a layer's floor) or plus what they left. So the average meets the budget to within
 about one class step over the tokens, after a one-pass prefill, a chunked one, or
-token-by-token decoding (where, without statistics, tokens share the budget evenly). Layers
-of a calibration with wider layers keep their difference: a layer stored ``w`` bits wider
-has ``w`` bits more of the budget (and its tokens may still go down to ``QuantConfig.bits``).
+token-by-token decoding (where, without statistics, tokens share the budget evenly). Tokens
+of a prefill chunk that no query read packed yet (its newest ``residual``) have no
+statistics and keep the layer's own width. Layers of a calibration with wider layers keep
+their difference: a layer stored ``w`` bits wider has ``w`` bits more of the budget (and its
+tokens may still go down to ``QuantConfig.bits``).
 """
 
 from __future__ import annotations

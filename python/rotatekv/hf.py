@@ -44,8 +44,7 @@ from ._band import band_attention, merge
 from ._rope import tables as _rope_tables
 from ._rope import unrope as _unrope
 from ._rotatekv import ArgumentError, RotateKVError
-from .policy import Allocator
-from .saliency import attention_mass
+from .policy import Allocator, chunk_statistics
 
 ATTN_NAME = "rotatekv"
 _STATE_ATTR = "_rotatekv_state"
@@ -534,38 +533,12 @@ def _policy_bits(
     b, _, t, _ = h.k.shape
     mean = counted = None
     if query.shape[2] == t and t > 1:
-        prior = None
-        if cache.layers[h.layer].slots > 0:
-            _, prior = store.attend(
-                layer,
-                query.float(),
-                positions=qpos,
-                causal=True,
-                scale=scaling,
-                window=sliding_window,
-                softcap=softcap,
-                return_lse=True,
-            )
         fmt = torch.bfloat16 if cache.config.fp_format == "bfloat16" else torch.float16
-        m = attention_mass(
-            query,
-            h.k_model.to(fmt),
-            qpos,
-            h.positions,
-            k_valid=valid,
-            prior_lse=prior,
-            scale=scaling,
-            softcap=softcap,
-            window=sliding_window,
-            lag=cache.recent(h.layer),
-        )
-        mean, counted = m.mean(query.shape[1]), m.count > 0
-    types = cache.token_types
-    if types is not None and tuple(types.shape) != (b, t):
-        raise ArgumentError(
-            f"token_types: expected shape [{b}, {t}] (the chunk's tokens), got {tuple(types.shape)}"
-        )
-    return cache.allocator.widths(h.layer, (b, t), mean, counted, valid, protect, types)
+        mean, counted = chunk_statistics(
+            store, layer, query, h.k_model.to(fmt), qpos, h.positions, valid=valid,
+            scale=scaling, softcap=softcap, window=sliding_window, lag=cache.recent(h.layer),
+        )  # fmt: skip
+    return cache.allocator.widths(h.layer, (b, t), mean, counted, valid, protect, cache.token_types)
 
 
 def _register() -> None:

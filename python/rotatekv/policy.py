@@ -290,6 +290,11 @@ class Allocator:
         tokens that exist (padding is not stored); ``sinks``: tokens kept in 16 bits anyway;
         ``types``: ``[B, T]`` token types (:data:`TEXT`, :data:`IMAGE`, :data:`OTHER`)."""
         b, t = shape
+        if types is not None and tuple(types.shape) != (b, t):
+            raise ArgumentError(
+                f"token_types: expected shape [{b}, {t}] (the chunk's tokens), got "
+                f"{tuple(types.shape)}"
+            )
         base = self.floor
         spent, tokens = self._ledger(layer, b)
         cost = self.costs[layer]
@@ -384,21 +389,12 @@ class Allocator:
             if pos is None:
                 start = torch.tensor(store.seq_lens(layer), dtype=torch.int64)[:, None]
                 pos = start + torch.arange(t)[None]
-            prior = None
-            if max(store.seq_lens(layer)) > 0:
-                _, prior = store.attend(
-                    layer, queries.float(), positions=pos, scale=scale, softcap=softcap,
-                    window=window, return_lse=True,
-                )  # fmt: skip
-            m = attention_mass(
-                queries, k if scored_keys is None else scored_keys, pos, pos, k_valid=vmask,
-                prior_lse=prior, scale=scale, softcap=softcap, window=window,
+            mean, counted = chunk_statistics(
+                store, layer, queries, k if scored_keys is None else scored_keys, pos, pos,
+                valid=vmask, scale=scale, softcap=softcap, window=window,
                 lag=int(store.config["residual"]),
             )  # fmt: skip
-            mean, counted = m.mean(queries.shape[1]), m.count > 0
         types = None if token_types is None else torch.as_tensor(token_types).to("cpu")
-        if types is not None and tuple(types.shape) != (b, t):
-            raise ArgumentError(f"token_types: expected shape [{b}, {t}], got {tuple(types.shape)}")
         snap = self.snapshot()
         w = self.widths(layer, (b, t), mean, counted, vmask, sinks, types)
         try:
@@ -414,6 +410,37 @@ class Allocator:
         spent = sum(float(s.sum()) for s in self.spent.values())
         tokens = sum(int(t.sum()) for t in self.tokens.values())
         return spent / tokens if tokens else 0.0
+
+
+def chunk_statistics(
+    store: KVStore,
+    layer: int,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    *,
+    valid: torch.Tensor | None,
+    scale: float | None,
+    softcap: float | None,
+    window: int | None,
+    lag: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the policies read of a prefill chunk about to be appended to ``store``'s layer
+    ``layer``: the mean attention each of its keys receives from its queries at distance
+    ``>= lag``, and which keys any such query read; the softmax covers what the store
+    already holds (its log-sum-exp from ``attend(..., return_lse=True)``)."""
+    prior = None
+    if max(store.seq_lens(layer), default=0) > 0:
+        _, prior = store.attend(
+            layer, queries.float(), positions=q_pos, causal=True, scale=scale,
+            window=window, softcap=softcap, return_lse=True,
+        )  # fmt: skip
+    m = attention_mass(
+        queries, keys, q_pos, k_pos, k_valid=valid, prior_lse=prior, scale=scale,
+        softcap=softcap, window=window, lag=lag,
+    )  # fmt: skip
+    return m.mean(queries.shape[1]), m.count > 0
 
 
 def check_budget(budget: float | None, policy: str) -> None:

@@ -251,6 +251,24 @@ def test_allocator_meets_the_budget_over_prefill_and_decode(gen) -> None:
     assert a.bits_per_element() == pytest.approx(4.2, abs=0.05)
 
 
+def test_decoded_tokens_keep_the_layer_widths_at_their_budget() -> None:
+    """Without statistics, a budget equal to what the layers' widths cost keeps them (a
+    calibration's wider layers stay wider); a larger one is error-diffused over the steps."""
+    bits = [2, 3, 2]
+    mean_base = sum(_fake_cost(i, b) for i, b in enumerate(bits)) / 3
+    a = P.Allocator("saliency", mean_base, bits, _fake_cost)
+    for _ in range(20):
+        for layer in range(3):
+            assert a.widths(layer, (1, 1)).item() == bits[layer]
+    a = P.Allocator("saliency", mean_base + 0.5, bits, _fake_cost)
+    seen = [set(), set(), set()]
+    for _ in range(20):
+        for layer in range(3):
+            seen[layer].add(a.widths(layer, (1, 1)).item())
+    assert seen[0] == {2, 3} and seen[1] == {3, 4}
+    assert a.bits_per_element() == pytest.approx(mean_base + 0.5, abs=1.0 / 20)
+
+
 def test_allocator_refuses_a_budget_below_its_floor() -> None:
     with pytest.raises(rotatekv.ArgumentError, match="budget: expected at least"):
         P.Allocator("akvq", 3.0, [2, 3], _fake_cost)

@@ -252,6 +252,15 @@ class Allocator:
         self.spent, self.tokens = spent, tokens
         self.patterns = {k: v[: pats.get(k, 0)] for k, v in self.patterns.items() if pats.get(k)}
 
+    @staticmethod
+    def _keeps_own(cost: dict[int, float], own: int, n: int, spend: float) -> bool:
+        """Whether ``spend`` for ``n`` tokens is within a step of the layer's width: not
+        short of it by half a step down, not over by a whole step up."""
+        i = CLASSES.index(own)
+        up = cost[CLASSES[i + 1]] - cost[own] if i + 1 < len(CLASSES) else math.inf
+        down = cost[own] - cost[CLASSES[i - 1]] if i > 0 else 0.0
+        return n * cost[own] - down / 2 <= spend < n * cost[own] + up
+
     def _headroom(self, seq: int, layer: int, n: int) -> float:
         """What the layers after ``layer`` can still give up for ``n`` more tokens each:
         their budget above the floor, less what earlier layers already overspent."""
@@ -346,7 +355,14 @@ class Allocator:
                     fi, piv_idx = fi[~pivots], fi[pivots]
                     out[i, piv_idx] = 16
                     spent[i] += npiv * cost[16]
-            w = water_fill(sc.numpy(), base, cost.__getitem__, spend)
+            own = self.layer_bits[layer]
+            if mean is None and self._keeps_own(cost, own, len(fi), spend):
+                # No statistics (decoding) and a budget about what the layer's own width
+                # costs: the fixed layout, not an even spread that would move bits across
+                # layers; otherwise the budget is spread evenly, error-diffused over steps.
+                w = np.full(len(fi), own, dtype=np.int64)
+            else:
+                w = water_fill(sc.numpy(), base, cost.__getitem__, spend)
             out[i, fi] = torch.from_numpy(w)
             out[i, sink] = 16
             spent[i] += sum(cost[c] for c in w.tolist())

@@ -224,7 +224,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     # cache's.
     with torch.no_grad():
         warm_cache = None if kind.startswith("rotatekv") else _make_cache(kind, model)
-        kw = {"past_key_values": warm_cache} if warm_cache is not None else {}
+        kw = {"cache": warm_cache} if warm_cache is not None else {}
         model.generate(
             ids[:1, :16], attention_mask=mask[:1, :16], max_new_tokens=2, do_sample=False, **kw
         )
@@ -247,7 +247,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             min_new_tokens=n,
             do_sample=False,
             logits_processor=LogitsProcessorList([clock]),
-            past_key_values=cache,
+            cache=cache,
             prefill_chunk_size=spec.get("prefill_chunk") or None,
         )
     if gpu:

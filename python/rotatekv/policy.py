@@ -319,8 +319,8 @@ class Allocator:
             others = self._excess(i, exclude=layer)
             spend = self.layer_budget[layer] * (tokens[i] + n) - spent[i] - others
             if mean is None or counted is None:
+                # No pattern recorded: decode steps would grow the record without bound.
                 scores = torch.ones(t, dtype=torch.float64)
-                pats.append("none")
             elif self.policy == "saliency":
                 scores = saliency_scores(mean[i].cpu(), counted[i].cpu() & free)
                 pats.append("saliency")
@@ -367,7 +367,8 @@ class Allocator:
             out[i, sink] = 16
             spent[i] += sum(cost[c] for c in w.tolist())
             tokens[i] += n
-        self.patterns.setdefault(layer, []).extend(pats)
+        if pats:
+            self.patterns.setdefault(layer, []).extend(pats)
         return out
 
     def append(

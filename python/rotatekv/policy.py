@@ -135,17 +135,6 @@ class AkvqRule:
             raise ArgumentError(f"text_ratio: expected a value > 0, got {self.text_ratio!r}")
 
 
-def saliency_scores(mean: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-    """``"saliency"`` scores of one sequence: the mean attention a token gets from queries
-    that read it quantized; tokens no such query saw (the chunk's newest) get the median."""
-    m = mean.double().clone()
-    if bool(counted.any()):
-        m[~counted] = m[counted].median()
-    else:
-        m[:] = 1.0
-    return m
-
-
 def akvq_scores(
     mean: torch.Tensor,
     counted: torch.Tensor,
@@ -322,7 +311,8 @@ class Allocator:
                 # No pattern recorded: decode steps would grow the record without bound.
                 scores = torch.ones(t, dtype=torch.float64)
             elif self.policy == "saliency":
-                scores = saliency_scores(mean[i].cpu(), counted[i].cpu() & free)
+                # Tokens without statistics are taken out below; the rest rank by it.
+                scores = mean[i].cpu().double()
                 pats.append("saliency")
             else:
                 ty = None if types is None else types[i].cpu()

@@ -76,8 +76,8 @@ fn torch_device(store_device: &str) -> String {
     }
 }
 
-/// Describes a torch tensor on the store's device, `[d0, d1, d2, d3]`.
-pub fn dev_tensor(obj: &Bound<'_, PyAny>, arg: &str, store_device: &str) -> PyResult<DevTensor> {
+/// Checks that `obj` is a torch tensor on `store_device`'s torch device.
+fn check_on_device(obj: &Bound<'_, PyAny>, arg: &str, store_device: &str) -> PyResult<()> {
     let py = obj.py();
     let is_tensor = obj
         .get_type()
@@ -109,6 +109,13 @@ pub fn dev_tensor(obj: &Bound<'_, PyAny>, arg: &str, store_device: &str) -> PyRe
             format!("{arg}: expected a tensor on {want} (the store's device), got {dev_s}"),
         ));
     }
+    Ok(())
+}
+
+/// Describes a torch tensor on the store's device, `[d0, d1, d2, d3]`.
+pub fn dev_tensor(obj: &Bound<'_, PyAny>, arg: &str, store_device: &str) -> PyResult<DevTensor> {
+    let py = obj.py();
+    check_on_device(obj, arg, store_device)?;
     let dtype = match obj.getattr("dtype")?.str()?.to_str()? {
         "torch.float32" => DType::F32,
         "torch.float16" => DType::F16,
@@ -154,34 +161,7 @@ pub fn raw_tensor(
     numel: usize,
 ) -> PyResult<u64> {
     let py = obj.py();
-    let is_tensor = obj
-        .get_type()
-        .module()
-        .map(|m| m.to_string().starts_with("torch"))
-        .unwrap_or(false)
-        && obj.hasattr("data_ptr")?;
-    if !is_tensor {
-        return Err(dtype_err(
-            py,
-            format!(
-                "{arg}: expected a torch.Tensor, got {}",
-                obj.get_type().name()?
-            ),
-        ));
-    }
-    let dev: String = obj.getattr("device")?.str()?.extract()?;
-    let want = torch_device(store_device);
-    let dev = if dev == "cuda" {
-        "cuda:0".to_string()
-    } else {
-        dev
-    };
-    if dev != want {
-        return Err(device_err(
-            py,
-            format!("{arg}: expected a tensor on {want}, got {dev}"),
-        ));
-    }
+    check_on_device(obj, arg, store_device)?;
     let got: String = obj.getattr("dtype")?.str()?.extract()?;
     if got != dtype {
         return Err(dtype_err(py, format!("{arg}: expected {dtype}, got {got}")));

@@ -77,3 +77,22 @@ def test_merge_of_disjoint_parts_is_the_whole_attention(gen):
     torch.testing.assert_close(out.double(), whole, rtol=1e-6, atol=1e-6)
     none, lse0 = merge(*nothing, *nothing)
     assert torch.equal(none, torch.zeros_like(none)) and torch.isneginf(lse0).all()
+
+
+def test_inputs_are_left_as_they_are(gen):
+    """The band and the merge work in place on their own buffers only: float32 inputs (which
+    ``.float()`` does not copy) come back unchanged."""
+    b, h, t, d = 2, 2, 19, 8
+    q, k, v = (torch.randn(b, h, t, d, generator=gen) for _ in range(3))
+    pos = torch.arange(t).expand(b, t)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    before = [x.clone() for x in (q, k, v)]
+    out, lse = band_attention(q, k, v, pos, pos, valid, 4, 0.3, None, 2.0)
+    assert all(torch.equal(x, y) for x, y in zip((q, k, v), before, strict=True))
+    o2, l2 = out.clone(), lse.clone()
+    far = dense(q, k, v, pos, pos, valid, 10**6, 0.3, None, 2.0, lag=4)
+    far = (far[0].float(), far[1].float())
+    f2 = [x.clone() for x in far]
+    merge(out, lse, *far)
+    assert torch.equal(out, o2) and torch.equal(lse, l2)
+    assert all(torch.equal(x, y) for x, y in zip(far, f2, strict=True))

@@ -3,7 +3,9 @@ the packaged default model (child processes, alternation, capacity search, plots
 
 from __future__ import annotations
 
+import argparse
 import json
+import random
 import subprocess
 import sys
 
@@ -101,3 +103,64 @@ def test_random_config_runs_through_the_device_path(tmp_path):
     assert 0 < rk["kv_bytes"] < fp["kv_bytes"]
     with pytest.raises(FileNotFoundError):
         bench.random_model(str(tmp_path / "missing.json"), torch.float32, "cpu")
+
+
+def _search(results, budget, peak_of, verify_tokens=10**9, runs=6):
+    """Runs ``bench.capacity`` with a fake child whose peak is ``peak_of(batch)``."""
+    calls = []
+
+    def child(spec, timeout):
+        calls.append(spec["batch"])
+        return {"peak_bytes": peak_of(spec["batch"])}
+
+    args = argparse.Namespace(verify_tokens=verify_tokens, search_runs=runs, timeout=1.0)
+    out, detail = bench.capacity(results, budget, 100, {}, args, lambda *_: None, child=child)
+    return out["c"], detail["c"], calls
+
+
+def _rows(peak_of, batches):
+    return [
+        {
+            "cache": "c",
+            "context": 100,
+            "batch": b,
+            "peak_bytes": peak_of(b),
+            "kv_peak_bytes": 0,
+            "base_bytes": 0,
+        }
+        for b in batches
+    ]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_capacity_search_finds_the_largest_batch_within_the_budget(seed):
+    """Peaks that grow faster than the linear model predicts from small batches (activations,
+    fragmentation): the search must still close the bracket on the true answer."""
+    rng = random.Random(seed)
+    fixed, per, curve = rng.randint(500, 1500), rng.randint(20, 200), rng.uniform(0, 3)
+
+    def peak(b):
+        return fixed + per * b + int(curve * b * b)
+
+    budget = rng.randint(fixed + 3 * per, fixed + 60 * per)
+    truth = max(b for b in range(0, 200) if peak(b) <= budget)
+    n, d, calls = _search(_rows(peak, [1, 2]), budget, peak, runs=12)
+    assert n == truth and d["exact"] and d["verified"], (n, truth, d)
+    assert len(calls) <= 12
+
+
+def test_capacity_search_uses_every_run_as_evidence():
+    # quanto-like: batch 8 ran over the budget, batch 1 within; 6 fits with room, so 7 is tried.
+    peaks = {1: 1500, 8: 5068, 6: 2237, 7: 2500}
+    n, d, calls = _search(_rows(peaks.get, [1, 8]), 4096, peaks.get)
+    assert n == 7 and d["exact"] and d["bracket"] == [7, 8] and 8 not in calls
+
+
+def test_capacity_too_costly_to_run_is_predicted_and_none_fitting_is_zero():
+    def peak(b):
+        return 1000 + 40 * b
+
+    n, d, calls = _search(_rows(peak, [1, 8]), 4000, peak, verify_tokens=800)
+    assert n == 75 and not d["verified"] and calls == []
+    n, d, calls = _search(_rows(lambda b: 5000 * b, [1, 2]), 4000, lambda b: 5000 * b)
+    assert n == 0 and d["exact"] and calls == []

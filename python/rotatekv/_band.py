@@ -64,21 +64,26 @@ def band_attention(
     vf = pad(v.float(), 2, 0.0).unfold(2, 2 * r, r)
     kp = pad(kpos.to(torch.int64), 1, _FAR).unfold(1, 2 * r, r)  # [B, nb, 2r]
     kv = pad(kvalid.to(torch.bool), 1, False).unfold(1, 2 * r, r)
-    qf = torch.cat([q.float(), q.new_zeros(b, hq, tail, d, dtype=torch.float32)], 2)
+    qf = q.new_zeros(b, hq, nb * r, d, dtype=torch.float32)
+    qf[:, :, :t] = q
     qf = qf.view(b, hkv, g, nb, r, d)
     qp = torch.cat([qpos.to(torch.int64), qpos.new_full((b, tail), -_FAR, dtype=torch.int64)], 1)
     qp = qp.view(b, nb, r)
-    sc = torch.einsum("bhgjqd,bhjdk->bhgjqk", qf, kf) * scale
+    # In place from here on: a prefill chunk's score blocks are the size of its queries, and
+    # every temporary of that size is memory that each sequence of the batch pays for.
+    sc = torch.einsum("bhgjqd,bhjdk->bhgjqk", qf, kf).mul_(scale)
+    del qf
     if softcap is not None:
-        sc = softcap * torch.tanh(sc / softcap)
+        sc.div_(softcap).tanh_().mul_(softcap)
     diff = qp[..., :, None] - kp[..., None, :]  # [B, nb, r, 2r]
     vis = (diff >= 0) & (diff < r) & kv[:, :, None, :]
     if window is not None:
         vis &= diff < window
-    sc = sc.masked_fill(~vis[:, None, None], float("-inf"))
+    sc.masked_fill_(~vis[:, None, None], float("-inf"))
     lse = torch.logsumexp(sc, -1)
-    p = torch.exp(sc - lse[..., None].clamp_min(torch.finfo(torch.float32).min))
-    p = p.masked_fill(~vis[:, None, None], 0.0)
+    # Hidden scores are -inf, so they become exactly 0 (also in rows that see no key, whose
+    # lse is clamped to a finite value).
+    p = sc.sub_(lse[..., None].clamp_min(torch.finfo(torch.float32).min)).exp_()
     out = torch.einsum("bhgjqk,bhjdk->bhgjqd", p, vf)
     out = out.reshape(b, hq, nb * r, d)[:, :, :t]
     return out, lse.reshape(b, hq, nb * r)[:, :, :t]
@@ -93,6 +98,7 @@ def merge(
     lse = torch.logaddexp(lse_a, lse_b)
     none = torch.isneginf(lse)
     ref = lse.masked_fill(none, 0.0)
-    wa = torch.exp(lse_a - ref).masked_fill(none, 0.0)[..., None]
-    wb = torch.exp(lse_b - ref).masked_fill(none, 0.0)[..., None]
-    return out_a.float() * wa + out_b.float() * wb, lse
+    wa = torch.exp(lse_a - ref).masked_fill_(none, 0.0)[..., None]
+    wb = torch.exp(lse_b - ref).masked_fill_(none, 0.0)[..., None]
+    # One output-sized allocation: the inputs are left as they are.
+    return (out_a.float() * wa).addcmul_(out_b.float(), wb), lse

@@ -17,7 +17,9 @@ runtime), ``kv_peak_bytes = peak_bytes - base_bytes`` (what generation added: th
 activations), ``kv_bytes`` (what the cache holds at the end), ``prefill_s`` (the prompt's
 forward) and ``decode_tok_s`` (new tokens of the whole batch per second after the first).
 Every cache prefills in chunks of ``--prefill-chunk`` tokens (transformers'
-``prefill_chunk_size``), so activations stay small beside the cache.
+``prefill_chunk_size``; 128 by default), so activations stay small beside the cache: each
+sequence of a batch pays for its chunk's activations, which at 1024 tokens are as large as
+the whole 8k-token cache of a 2-bit store of the default model.
 
 On a GPU (``--device cuda``) the model, the prompt and every cache live on the device;
 ``peak_bytes`` is then ``torch.cuda.max_memory_allocated()`` during generation plus, for
@@ -26,11 +28,12 @@ released during a generation), ``base_bytes`` what torch held before it. ``--ran
 (``llama3-8b``, or a transformers ``config.json``) builds a random-weight model from a real
 configuration, for machines that cannot receive model files; prompts are then random tokens.
 
-``max_batch``: the largest batch whose generation stays within ``--memory-budget``. Peak
-memory grows linearly in the batch (``base + B * per_seq``); ``per_seq`` comes from the runs
-above, the budget gives the candidate, and candidates are run and stepped down until one fits
-as long as a run costs at most ``--verify-tokens`` prompt tokens; beyond that the candidate is
-reported unverified (``max_batch_detail``).
+``max_batch``: the largest batch whose generation stays within ``--memory-budget``, found by
+search. Peak memory grows about linearly in the batch (``fixed + B * per_seq``, from the runs
+above); the runs bracket the answer (largest batch within the budget, smallest over it), and
+candidates from the linear model, or the bracket's middle, are run (``--search-runs``, each at
+most ``--verify-tokens`` prompt tokens) until the bracket closes. Where no candidate can be
+run the linear model's answer is reported as predicted (``max_batch_detail``).
 """
 
 from __future__ import annotations
@@ -394,8 +397,15 @@ def capacity(
     base: dict[str, Any],
     args: argparse.Namespace,
     log: Any,
+    child: Any = None,
 ) -> tuple[dict[str, int], dict[str, Any]]:
-    """Largest batch per cache within ``budget`` at context ``ctx`` (see the module doc)."""
+    """Largest batch per cache within ``budget`` at context ``ctx`` (see the module doc).
+
+    Every run at ``ctx`` is evidence: the largest batch seen within the budget is a lower
+    bound, the smallest seen over it an upper one. Candidates come from the linear model
+    (from the last fitting run's headroom once there is one), else halve the bracket; at most
+    ``--search-runs`` runs, each of at most ``--verify-tokens`` prompt tokens."""
+    child = child or _child
     out: dict[str, int] = {}
     detail: dict[str, Any] = {}
     for c in sorted({r["cache"] for r in results}):
@@ -414,32 +424,54 @@ def capacity(
             per_seq = rs[0]["kv_peak_bytes"] / rs[0]["batch"]
             fixed = rs[0]["base_bytes"]
         per_seq = max(per_seq, 1.0)
-        cand = max(0, int((budget - fixed) // per_seq))
-        verified = False
-        tried = []
-        while cand > 0 and cand * ctx <= args.verify_tokens:
-            got = _child(
-                {**base, "cache": c, "context": ctx, "batch": cand, "new_tokens": 2}, args.timeout
-            )
+        seen = {r["batch"]: r["peak_bytes"] for r in rs}
+        tried: list[tuple[int, int]] = []
+        while len(tried) < args.search_runs:
+            lo, hi = _bracket(seen, budget)
+            if hi is not None and hi - lo <= 1:
+                break
+            if lo > 0:
+                cand = lo + max(1, int((budget - seen[lo]) // per_seq))
+            else:
+                cand = max(1, int((budget - fixed) // per_seq))
+            if hi is not None and cand >= hi:
+                cand = (lo + hi) // 2
+            if cand <= lo or cand * ctx > args.verify_tokens:
+                break
+            # The whole generation, as in the runs above: a cache's peak can come late (quanto
+            # dequantizes its whole history at every step).
+            got = child({**base, "cache": c, "context": ctx, "batch": cand}, args.timeout)
             if "error" in got:
                 break
+            seen[cand] = got["peak_bytes"]
             tried.append((cand, got["peak_bytes"]))
-            if got["peak_bytes"] <= budget:
-                verified = True
-                break
-            cand -= max(1, cand // 20)
-        out[c] = cand
+        lo, hi = _bracket(seen, budget)
+        exact = hi is not None and hi - lo <= 1
+        # Where nothing larger could be run: the linear model's answer, within the bracket.
+        n = lo if exact else max(lo, int((budget - fixed) // per_seq))
+        if hi is not None:
+            n = min(n, hi - 1)
+        how = "predicted" if n > lo else "verified" if exact else "verified, larger not tried"
+        out[c] = n
         detail[c] = {
             "per_seq_bytes": int(per_seq),
             "fixed_bytes": int(fixed),
-            "verified": verified,
+            "verified": how != "predicted",
+            "exact": exact,
+            "bracket": [lo, hi],
             "tried": tried,
         }
-        log(
-            f"max batch {c}: {cand} ({'verified' if verified else 'predicted'};"
-            f" {per_seq / 2**20:.1f} MiB per sequence)"
-        )
+        log(f"max batch {c}: {n} ({how}; {per_seq / 2**20:.1f} MiB per sequence)")
     return out, detail
+
+
+def _bracket(seen: dict[int, int], budget: int) -> tuple[int, int | None]:
+    """(largest batch seen within ``budget`` or 0, smallest seen over it or None); a larger
+    batch that fit below a smaller one that did not (noise) does not raise the lower bound."""
+    over = [b for b, pk in seen.items() if pk > budget]
+    hi = min(over, default=None)
+    fit = [b for b, pk in seen.items() if pk <= budget and (hi is None or b < hi)]
+    return max(fit, default=0), hi
 
 
 def machine() -> str:
@@ -468,6 +500,8 @@ def table(report: dict[str, Any]) -> str:
     for r in sorted(rows, key=lambda r: (r["context"], r["batch"], CACHES.index(r["cache"]))):
         f = ref.get((r["context"], r["batch"]))
         kv_ratio = f"{f['kv_bytes'] / r['kv_bytes']:.2f}x less" if f and r["kv_bytes"] else "-"
+        if r is f:
+            kv_ratio = "1x"
         dec_ratio = f"{r['decode_tok_s'] / f['decode_tok_s']:.2f}x" if f else "-"
         lines.append(
             f"| {r['cache']} | {r['context']} | {r['batch']} | {r['peak_bytes'] / 2**20:.0f} |"
@@ -528,12 +562,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", default="1,4", help="batch size(s), comma list")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument(
-        "--prefill-chunk", type=int, default=1024, help="prompt tokens per forward (0: all at once)"
+        "--prefill-chunk", type=int, default=128, help="prompt tokens per forward (0: all at once)"
     )
     p.add_argument("--caches", default="fp16,quanto2,quanto4,rotatekv2,rotatekv4")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--memory-budget", default=None, help="e.g. 4GiB: find the largest batch")
     p.add_argument("--verify-tokens", type=int, default=65536, help="largest B*context to verify")
+    p.add_argument("--search-runs", type=int, default=4, help="most runs of the capacity search")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child run")

@@ -18,8 +18,8 @@ activations), ``kv_bytes`` (what the cache holds at the end), ``prefill_s`` (the
 forward) and ``decode_tok_s`` (new tokens of the whole batch per second after the first).
 Every cache prefills in chunks of ``--prefill-chunk`` tokens (transformers'
 ``prefill_chunk_size``; 128 by default), so activations stay small beside the cache: each
-sequence of a batch pays for its chunk's activations, which at 1024 tokens are as large as
-the whole 8k-token cache of a 2-bit store of the default model.
+sequence of a batch pays for its chunk's activations, which at 1024 tokens outweigh the
+whole 8k-token cache of a 2-bit store of the default model (65 MiB against 31, measured).
 
 On a GPU (``--device cuda``) the model, the prompt and every cache live on the device;
 ``peak_bytes`` is then ``torch.cuda.max_memory_allocated()`` during generation plus, for

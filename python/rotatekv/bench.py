@@ -424,16 +424,15 @@ def capacity(
             per_seq = rs[0]["kv_peak_bytes"] / rs[0]["batch"]
             fixed = rs[0]["base_bytes"]
         per_seq = max(per_seq, 1.0)
+        predicted = max(0, int((budget - fixed) // per_seq))
         seen = {r["batch"]: r["peak_bytes"] for r in rs}
         tried: list[tuple[int, int]] = []
         while len(tried) < args.search_runs:
             lo, hi = _bracket(seen, budget)
             if hi is not None and hi - lo <= 1:
                 break
-            if lo > 0:
-                cand = lo + max(1, int((budget - seen[lo]) // per_seq))
-            else:
-                cand = max(1, int((budget - fixed) // per_seq))
+            # The headroom of the largest fitting run (of the model's intercept before any).
+            cand = lo + max(1, int((budget - seen.get(lo, fixed)) // per_seq))
             if hi is not None and cand >= hi:
                 cand = (lo + hi) // 2
             if cand <= lo or cand * ctx > args.verify_tokens:
@@ -448,7 +447,7 @@ def capacity(
         lo, hi = _bracket(seen, budget)
         exact = hi is not None and hi - lo <= 1
         # Where nothing larger could be run: the linear model's answer, within the bracket.
-        n = lo if exact else max(lo, int((budget - fixed) // per_seq))
+        n = lo if exact else max(lo, predicted)
         if hi is not None:
             n = min(n, hi - 1)
         how = "predicted" if n > lo else "verified" if exact else "verified, larger not tried"

@@ -8,6 +8,9 @@ of ``--contexts`` x ``--batches``. Variants:
 * rotatekv 2-bit, pre-RoPE grouped Hadamard (keys appended before RoPE, RoPE applied inside);
 * rotatekv 4-bit, post-RoPE Hadamard;
 * rotatekv 16-bit (float16, identity plan);
+* rotatekv 2-bit post-RoPE paged: the same tokens in a caller-owned pool
+  (``rotatekv.paged``, blocks of 64 in random order, read through a block table), the layout
+  a serving engine hands the kernel; skipped on builds without ``rotatekv.paged``;
 * torch ``scaled_dot_product_attention(..., enable_gqa=True)`` and a grouped
   matmul-softmax-matmul, each over float32 and over bfloat16 K/V.
 
@@ -137,11 +140,57 @@ def matmul_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[],
     return run
 
 
+def build_pool(k: torch.Tensor, v: torch.Tensor, seed: int) -> tuple[Any, ...]:
+    """The tokens of ``k, v`` in a 2-bit pool of blocks of 64 in random order, written with
+    the post-RoPE Hadamard plan: (pool, fmt, plan, block_table, seq_lens)."""
+    from rotatekv import RotationPlan, paged
+
+    batch, hkv, context, d = k.shape
+    fmt = paged.BlockFormat(hkv, d, bits=2, block_size=64)
+    plan = RotationPlan.hadamard(1, hkv, d, mode="post_rope")
+    per = -(-context // 64)
+    ids = torch.randperm(batch * per, generator=torch.Generator().manual_seed(seed))
+    table = ids.reshape(batch, per).to(torch.int32)
+    pool = fmt.new_pool(batch * per)
+    for b in range(batch):
+        for t0 in range(0, context, CHUNK):
+            t1 = min(context, t0 + CHUNK)
+            j = torch.arange(t0, t1)
+            slots = table[b, j // 64].long() * 64 + j % 64
+            kt = k[b, :, t0:t1].transpose(0, 1)
+            vt = v[b, :, t0:t1].transpose(0, 1)
+            paged.write(pool, fmt, kt, vt, slots, plan=plan)
+    return pool, fmt, plan, table, torch.full((batch,), context, dtype=torch.int32)
+
+
+def paged_fn(parts: tuple[Any, ...], q: torch.Tensor) -> Callable[[], torch.Tensor]:
+    from rotatekv import paged
+
+    pool, fmt, plan, table, lens = parts
+    b = q.shape[0]
+    qt = q[:, :, 0].contiguous()  # [B, Hq, D]: one query token per request
+    qsl = torch.arange(b + 1, dtype=torch.int32)
+
+    def run() -> torch.Tensor:
+        out = paged.attend(pool, fmt, qt, table, lens, qsl, plan=plan)
+        return out[:, :, None]
+
+    return run
+
+
 def store_fn(store: KVStore, q: torch.Tensor) -> Callable[[], torch.Tensor]:
     def run() -> torch.Tensor:
         return store.attend(0, q)
 
     return run
+
+
+def _has_paged() -> bool:
+    try:
+        import rotatekv.paged  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -175,6 +224,15 @@ def run_config(context: int, batch: int, repeats: int, seed: int) -> dict[str, A
         log(f"  built {name}: {store.nbytes / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
         variants.append(Variant(name, "rotatekv", f"{bits}-bit", store.nbytes, store_fn(store, q)))
         del store
+    if _has_paged():
+        t0 = time.perf_counter()
+        parts = build_pool(k, v, seed)
+        nbytes = parts[0].numel()
+        log(f"  built 2-bit paged pool: {nbytes / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
+        variants.append(
+            Variant("rotatekv 2-bit post paged", "rotatekv", "2-bit", nbytes, paged_fn(parts, q))
+        )
+        del parts
     kv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {
         "fp32": (q, k, v),
         "bf16": (q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)),

@@ -19,7 +19,7 @@ use criterion::{
     SamplingMode, Throughput,
 };
 use rotatekv::{
-    attend, AppendArgs, AttendArgs, Data, Hadamard, KVStore, Mode, OutData, QuantConfig, Rope,
+    AppendArgs, AttendArgs, Data, Hadamard, KVStore, Mode, OutData, QuantConfig, Rope,
     RotationPlan, View4,
 };
 
@@ -172,7 +172,7 @@ fn bench_attend(c: &mut Criterion) {
             g.bench_function(BenchmarkId::new(name, ctx), |b| {
                 b.iter(|| {
                     let mut o = OutData::F32(&mut out);
-                    attend(black_box(&store), 0, &args, &mut o).expect("attend");
+                    black_box(&store).attend(0, &args, &mut o).expect("attend");
                 })
             });
         }

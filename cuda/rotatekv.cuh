@@ -7,7 +7,7 @@
 //   Rust tests run every kernel against the CPU store on machines without a GPU.
 //
 // The parameter structs below are mirrored field by field by `rust/src/cuda/abi.rs`
-// (`#[repr(C)]`); both sides check the sizes. Page layouts are those of `rust/src/page.rs`.
+// (`#[repr(C)]`); both sides check the sizes. Block layouts are those of `rust/src/format.rs`.
 #pragma once
 
 #ifdef __CUDACC__
@@ -51,13 +51,20 @@ typedef unsigned long long u64;
 #define RKV_POST_ROPE 1
 #define RKV_NO_ROTATION 2
 
+// The precision classes come from the one format table (`rust/src/format.rs` CLASS_BITS):
+// the extension defines RKV_NUM_CLASSES in front of the NVRTC source, build.rs for the host
+// emulation.
+#ifndef RKV_NUM_CLASSES
+#error "RKV_NUM_CLASSES must be defined from rust/src/format.rs CLASS_BITS"
+#endif
+
 // Threads per block of every kernel (four warps).
 #define RKV_THREADS 128
 
 // ---------------------------------------------------------------------------------------
 // Parameter structs (mirrored in rust/src/cuda/abi.rs).
 
-// One page format: `rust/src/page.rs` Layout, every field an i32.
+// One page format: `rust/src/format.rs` Layout, every field an i32.
 struct RkvLayout {
   i32 bits, per_channel, cap, heads, d, group;
   i32 tag_off, head_off, head_bytes, k_row, k_scale, k_zero, v_codes, v_row, v_scale, v_zero;
@@ -101,7 +108,7 @@ struct RkvAppendParams {
   i32 n_tok, heads, d, group_heads;
   i32 rotate_keys, rotate_values, fp_format, pad;
   float key_clip, value_clip;
-  RkvLayout lay[5];
+  RkvLayout lay[RKV_NUM_CLASSES];
 };
 
 // Keys of whole per-channel (KIVI) pages, from the stored-basis keys that the append kernel
@@ -112,7 +119,7 @@ struct RkvChannelParams {
   u64 pages;  // RkvPage[n_pages]
   i32 n_pages, heads, d, pad;
   float key_clip, pad1;
-  RkvLayout lay[5];
+  RkvLayout lay[RKV_NUM_CLASSES];
 };
 
 struct RkvAttendParams {
@@ -130,7 +137,7 @@ struct RkvAttendParams {
   i32 causal, window, splits, rows_per_block;
   i32 tile_tokens, pad0;
   float scale, softcap, rope_scaling, pad1;
-  RkvLayout lay[5];
+  RkvLayout lay[RKV_NUM_CLASSES];
 };
 
 struct RkvCombineParams {

@@ -210,6 +210,18 @@ def test_recent_window_prefill_near_decode_with_the_default_plan(arch: str, bits
     assert err < 2e-2 and err < 0.25 * rel_err(whole, ref, mask), err
 
 
+def test_enable_refuses_a_missing_device_at_once() -> None:
+    m = tiny("llama")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(rotatekv.DeviceError, match=f"cuda:{n}"):
+        rh.enable(m, config=QuantConfig(bits=16), device=f"cuda:{n}")
+    with pytest.raises(rotatekv.ArgumentError, match="device"):
+        rh.enable(m, config=QuantConfig(bits=16), device="tpu")
+    assert getattr(m, rh._STATE_ATTR, None) is None  # nothing was changed
+    rh.enable(m, config=QuantConfig(bits=16), device="cpu")
+    rh.disable(m)
+
+
 def test_cache_holds_only_packed_bytes() -> None:
     """No full-precision K/V beside the store: the layers keep no tensors, and the store's
     bytes match its bit width."""

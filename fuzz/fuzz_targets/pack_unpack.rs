@@ -2,7 +2,8 @@
 //! unpackers; rows of any length are refused or handled, never read out of bounds.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use rotatekv::quant::{pack_row, packed_row_bytes, unpack_row, unpack_row_f32};
+use rotatekv::format::packed_row_bytes;
+use rotatekv::quant::{pack_row, unpack_row, unpack_row_f32};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, rest)) = data.split_first() else {

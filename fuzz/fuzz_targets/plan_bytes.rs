@@ -6,9 +6,9 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use rotatekv::rotation::{Mode, RotationPlan};
-use rotatekv::store::{AppendArgs, KVStore, QuantConfig};
 use rotatekv::tensor::{Data, View4};
 use rotatekv::Rope;
+use rotatekv::{AppendArgs, KVStore, QuantConfig};
 use rotatekv_fuzz::{edit, exercise, floats, join, split, D, HKV};
 
 fn sample() -> &'static Vec<u8> {

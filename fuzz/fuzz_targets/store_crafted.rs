@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use libfuzzer_sys::fuzz_target;
 use rotatekv::io::fnv1a64;
 use rotatekv::persist::{from_bytes, to_bytes};
-use rotatekv::store::KeyLayout;
+use rotatekv::KeyLayout;
 use rotatekv_fuzz::{canonical, edit, exercise, join, sample_store, split, Tensors};
 
 type Sample = (Vec<u8>, HashMap<String, String>, Tensors);

@@ -3,13 +3,13 @@
 //! bytes. Data carries NaN, infinities and huge values; positions and masks are fuzzed.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use rotatekv::attend::{attend, AttendArgs};
-use rotatekv::page::FpFormat;
+use rotatekv::attend::AttendArgs;
+use rotatekv::format::FpFormat;
 use rotatekv::persist::{from_bytes, to_bytes};
 use rotatekv::rotation::{Mode, RotationPlan};
-use rotatekv::store::{AppendArgs, KVStore, KeyLayout, QuantConfig};
 use rotatekv::tensor::{Data, OutData, View4};
 use rotatekv::Rope;
+use rotatekv::{AppendArgs, KVStore, KeyLayout, QuantConfig};
 use rotatekv_fuzz::floats;
 
 const L: usize = 2;
@@ -150,8 +150,10 @@ fuzz_target!(|bytes: &[u8]| {
                     lag: inp.pick(&[0, 0, 1, 40, usize::MAX]),
                 };
                 let mut out = vec![0f32; q.len()];
-                let _ =
-                    layer < L && attend(&store, layer, &args, &mut OutData::F32(&mut out)).is_ok();
+                let _ = layer < L
+                    && store
+                        .attend(layer, &args, &mut OutData::F32(&mut out))
+                        .is_ok();
                 true // attention never changes the store
             }
             3 => {

@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 
-use rotatekv::attend::{attend, AttendArgs};
+use rotatekv::attend::AttendArgs;
 use rotatekv::rotation::{Mode, RotationPlan};
-use rotatekv::store::{AppendArgs, KVStore, KeyLayout, QuantConfig};
 use rotatekv::tensor::{Data, OutData, View4};
 use rotatekv::Rope;
+use rotatekv::{AppendArgs, KVStore, KeyLayout, QuantConfig};
 
 /// Heads and head dim of the sample stores: small, so each run is fast.
 pub const HKV: usize = 2;
@@ -103,7 +103,7 @@ pub fn exercise(store: &KVStore) {
                 softcap: None,
                 lag: 0,
             };
-            let _ = attend(store, layer, &args, &mut OutData::F32(&mut out));
+            let _ = store.attend(layer, &args, &mut OutData::F32(&mut out));
         }
     }
 }

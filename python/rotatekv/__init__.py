@@ -7,6 +7,7 @@ compiled extension ``rotatekv._rotatekv``; this package re-exports them and adds
 
 from __future__ import annotations
 
+from . import _device
 from ._config import QuantConfig
 from ._rotatekv import (
     ArgumentError,
@@ -20,9 +21,13 @@ from ._rotatekv import (
     RotationPlan,
     ShapeError,
     StoreIOError,
+    _set_device_hooks,
     build_info,
     hadamard,
 )
+
+# The extension calls back into these for device stores (it never imports the package).
+_set_device_hooks(_device)
 
 __version__ = build_info()["version"]
 

@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
-from ._rotatekv import ArgumentError
-from .policy import check_budget
+from ._rotatekv import _CLASS_BITS, ArgumentError
 
 KeyLayout = Literal["per_token", "per_channel"]
+
+# Bit-allocation policies (rotatekv.policy implements them; the names live here so that
+# configuring a store needs neither the policies nor torch).
+POLICIES: tuple[str, ...] = ("fixed", "saliency", "akvq")
+
+
+def check_budget(budget: float | None, policy: str) -> None:
+    """Validates a policy and its budget (``QuantConfig``)."""
+    if policy not in POLICIES:
+        raise ArgumentError(f"policy: expected one of {POLICIES}, got {policy!r}")
+    if policy == "fixed":
+        if budget is not None:
+            raise ArgumentError(
+                "budget: expected None with policy 'fixed' (a budget needs a policy)"
+            )
+        return
+    if budget is None or isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ArgumentError(
+            f"budget: expected bits per element (a float) with policy {policy!r}, got {budget!r}"
+        )
+    if not math.isfinite(budget) or not 2.0 <= budget <= 17.0:
+        raise ArgumentError(f"budget: expected bits per element in [2, 17], got {budget!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +38,8 @@ class QuantConfig:
     """How a :class:`rotatekv.KVStore` quantizes tokens.
 
     Args:
-        bits: default bit width of a token: 2, 3, 4, 8, or 16 (unquantized).
+        bits: default bit width of a token: one of the precision classes, 2, 3, 4, 8, or 16
+            (unquantized).
         group_size: channels per quantization group (a multiple of 8 dividing ``head_dim``);
             ``None`` uses the whole head.
         key_clip: clip ratio of key groups (min and max scaled by it); ``None`` uses the
@@ -48,8 +71,10 @@ class QuantConfig:
     budget: float | None = None
 
     def __post_init__(self) -> None:
-        if self.bits not in (2, 3, 4, 8, 16):
-            raise ArgumentError(f"bits: expected one of 2, 3, 4, 8, 16, got {self.bits!r}")
+        if self.bits not in _CLASS_BITS:
+            raise ArgumentError(
+                f"bits: expected one of {', '.join(map(str, _CLASS_BITS))}, got {self.bits!r}"
+            )
         if self.key_layout not in ("per_token", "per_channel"):
             raise ArgumentError(
                 f"key_layout: expected 'per_token' or 'per_channel', got {self.key_layout!r}"

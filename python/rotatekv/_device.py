@@ -1,5 +1,7 @@
-"""Value checks of device tensors, run with torch on their device before a device store
-changes (the CPU path checks the same rules in Rust while reading the values)."""
+"""The package's device hooks, handed to the extension when ``rotatekv`` is imported (the
+extension never imports the package back): value checks of device tensors, run with torch
+on their device before a device store changes (the CPU path checks the same rules in Rust
+while reading the values), and loading torch's NVRTC."""
 
 from __future__ import annotations
 
@@ -54,3 +56,10 @@ def check_values(
                 "fp_format='bfloat16' with 16-bit tokens for wider ranges), got "
                 f"{float(a[bad].max())}"
             )
+
+
+def load_nvrtc() -> None:
+    """Loads NVRTC from torch's wheels (see :mod:`rotatekv.cuda`)."""
+    from .cuda import _load_nvrtc
+
+    _load_nvrtc()

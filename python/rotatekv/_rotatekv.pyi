@@ -80,6 +80,72 @@ class RotationPlan:
         head_dim: int | None = None,
     ) -> tuple[RotationPlan, dict[str, str]]: ...
 
+class BlockFormat:
+    def __init__(
+        self,
+        num_kv_heads: int,
+        head_dim: int,
+        bits: int = 2,
+        block_size: int = 64,
+        group_size: int | None = None,
+        key_bits: int | None = None,
+        value_bits: int | None = None,
+        fp_format: str = "float16",
+    ) -> None: ...
+    @property
+    def num_kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def bits(self) -> int: ...
+    @property
+    def key_bits(self) -> int: ...
+    @property
+    def value_bits(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def group_size(self) -> int: ...
+    @property
+    def fp_format(self) -> str: ...
+    @property
+    def block_bytes(self) -> int: ...
+    def bits_per_element(self) -> float: ...
+    def layout(self) -> dict[str, int]: ...
+
+def _paged_write(
+    pool: Any,
+    fmt: BlockFormat,
+    k: Any,
+    v: Any,
+    slot_mapping: Any,
+    positions: Any = None,
+    *,
+    plan: RotationPlan | None = None,
+    layer: int = 0,
+    rope_inv_freq: Any = None,
+    rope_scaling: float = 1.0,
+) -> None: ...
+def _paged_attend(
+    pool: Any,
+    fmt: BlockFormat,
+    q: Any,
+    block_table: Any,
+    seq_lens: Any,
+    query_start_loc: Any,
+    *,
+    plan: RotationPlan | None = None,
+    layer: int = 0,
+    scale: float | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    out: Any = None,
+    return_lse: bool = False,
+    rope_inv_freq: Any = None,
+    rope_scaling: float = 1.0,
+) -> Any: ...
+
 class PageBuffer:
     @property
     def bits(self) -> int: ...
@@ -180,6 +246,9 @@ class KVStore:
     @property
     def config(self) -> dict[str, Any]: ...
 
+_CLASS_BITS: list[int]
+
+def _set_device_hooks(hooks: Any) -> None: ...
 def build_info() -> dict[str, str]: ...
 def hadamard(x: npt.NDArray[np.float32], inverse: bool = False) -> npt.NDArray[np.float32]: ...
 def _attention_mass(

@@ -1,4 +1,8 @@
-"""The ``rotatekv`` command line."""
+"""rotatekv: packed 2-bit rotated KV caches. Run the demo on the packaged model, evaluate KV-cache
+methods, calibrate a rotation plan, or benchmark generation end to end.
+
+Arguments are checked before torch or a model is loaded; an error is one line (exit status 2)
+unless --debug is given."""
 
 from __future__ import annotations
 
@@ -7,14 +11,34 @@ import sys
 from pathlib import Path
 
 
+class UsageError(SystemExit):
+    """A bad argument: one line on stderr, exit status 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file or transformers directory")
     p.add_argument("--text", default=None, help="UTF-8 text file (default: Wikipedia)")
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--window-len", type=int, default=512)
-    p.add_argument("--calib-windows", type=int, default=8)
-    p.add_argument("--methods", default="fp16,rtn2,kivi2,quarot2,rotatekv2-paper,rotatekv2")
-    p.add_argument("--protocol", choices=("fake", "decode", "both"), default="both")
+    p.add_argument("--windows", type=int, default=16, help="evaluation windows")
+    p.add_argument("--window-len", type=int, default=512, help="tokens per window")
+    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows")
+    p.add_argument(
+        "--methods",
+        default="fp16,rtn2,kivi2,quarot2,rotatekv2-paper,rotatekv2",
+        help="comma list of methods (rotatekv.methods.METHODS)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("fake", "decode", "both"),
+        default="both",
+        help="fake: one forward per window over the quantized store; decode: token by token",
+    )
     p.add_argument(
         "--budget",
         type=float,
@@ -40,20 +64,24 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def _positive(name: str, v: int) -> None:
     if v <= 0:
-        raise SystemExit(f"rotatekv: --{name}: expected a positive integer, got {v}")
+        raise UsageError(f"--{name}: expected a positive integer, got {v}")
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """``rotatekv eval``: perplexity of KV-cache methods (see rotatekv.eval)."""
+    from .methods import parse_methods
+
+    for name in ("windows", "window_len", "calib_windows"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    if args.batch is not None:
+        _positive("batch", args.batch)
+    methods = parse_methods(args.methods)  # before torch and the model load
     import torch
 
     from . import calibrate as cal_mod
     from . import eval as ev
     from . import models, text
 
-    for name in ("windows", "window_len", "calib_windows"):
-        _positive(name.replace("_", "-"), getattr(args, name))
-    methods = ev.parse_methods(args.methods)
     protocols = ["fake", "decode"] if args.protocol == "both" else [args.protocol]
     model, tok = models.load(args.model)
     docs = text.load_texts(args.text)
@@ -92,11 +120,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     """``rotatekv calibrate``: fit a plan and sink rule, save them to one file."""
+    _positive("windows", args.windows)
+    _positive("window-len", args.window_len)
     from . import QuantConfig, models, text
     from . import calibrate as cal_mod
     from . import eval as ev
 
-    _positive("windows", args.windows)
     model, tok = models.load(args.model)
     docs = text.load_texts(args.text)
     _, calib = text.split_windows(tok, docs, 0, args.windows, args.window_len)
@@ -122,34 +151,52 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs a subcommand; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="rotatekv", description=__doc__)
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="rotatekv", description=__doc__.split("\n\n")[0], formatter_class=fmt
+    )
+    parser.add_argument("--version", action="version", version=f"rotatekv {__version__}")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
         help="the main job: calibrate, evaluate and generate on the packaged model "
         "(--synthetic: kernel speed and memory on synthetic data)",
+        formatter_class=fmt,
     )
-    demo.add_argument("--synthetic", action="store_true")
-    demo.add_argument("--windows", type=int, default=4)
-    demo.add_argument("--window-len", type=int, default=512)
-    demo.add_argument("--context", type=int, default=16384)
-    demo.add_argument("--batch", type=int, default=1)
-    demo.add_argument("--repeats", type=int, default=5)
-    ev = sub.add_parser("eval", help="perplexity of KV-cache methods on a model")
+    demo.add_argument("--synthetic", action="store_true", help="synthetic data, no model")
+    demo.add_argument("--windows", type=int, default=4, help="evaluation windows")
+    demo.add_argument("--window-len", type=int, default=512, help="tokens per window")
+    demo.add_argument("--context", type=int, default=16384, help="--synthetic: context length")
+    demo.add_argument("--batch", type=int, default=1, help="--synthetic: sequences")
+    demo.add_argument("--repeats", type=int, default=5, help="--synthetic: timing repeats")
+    ev = sub.add_parser(
+        "eval", help="perplexity of KV-cache methods on a model", formatter_class=fmt
+    )
     _add_eval_args(ev)
-    cal = sub.add_parser("calibrate", help="fit a rotation plan and sink rule to a model")
-    cal.add_argument("--model", default=None)
-    cal.add_argument("--text", default=None)
-    cal.add_argument("--windows", type=int, default=8)
-    cal.add_argument("--window-len", type=int, default=512)
-    cal.add_argument("--bits", type=int, default=2)
-    cal.add_argument("--mode", choices=("pre_rope", "post_rope"), default="pre_rope")
-    cal.add_argument("--reorder", default="auto")
+    cal = sub.add_parser(
+        "calibrate", help="fit a rotation plan and sink rule to a model", formatter_class=fmt
+    )
+    cal.add_argument("--model", default=None, help="GGUF file or transformers directory")
+    cal.add_argument("--text", default=None, help="UTF-8 text file (default: Wikipedia)")
+    cal.add_argument("--windows", type=int, default=8, help="calibration windows")
+    cal.add_argument("--window-len", type=int, default=512, help="tokens per window")
+    cal.add_argument("--bits", type=int, default=2, help="bits of the quantized tokens")
+    cal.add_argument(
+        "--mode", choices=("pre_rope", "post_rope"), default="pre_rope", help="RoPE placement"
+    )
+    cal.add_argument("--reorder", default="auto", help="channel reordering rule")
     cal.add_argument("--clip", default="search", help="search, fixed or a ratio")
-    cal.add_argument("--no-sinks", action="store_true")
-    cal.add_argument("--key-layout", choices=("per_token", "per_channel", "auto"), default="auto")
+    cal.add_argument("--no-sinks", action="store_true", help="no attention-sink rule")
+    cal.add_argument(
+        "--key-layout",
+        choices=("per_token", "per_channel", "auto"),
+        default="auto",
+        help="key grouping per layer",
+    )
     cal.add_argument(
         "--wider-fraction",
         type=float,
@@ -163,15 +210,43 @@ def main(argv: list[str] | None = None) -> int:
         help="recent 16-bit tokens of the store the layers are ranked with",
     )
     cal.add_argument("--out", required=True, help="safetensors file to write")
-    from . import bench
-
-    be = sub.add_parser(
-        "bench", help="end-to-end generation: peak memory, capacity and speed of KV caches"
+    # `rotatekv bench` has its own parser (rotatekv.bench, which needs torch): main hands it
+    # the arguments, so that the other commands start without torch.
+    sub.add_parser(
+        "bench",
+        help="end-to-end generation: peak memory, capacity and speed of KV caches "
+        "(rotatekv bench --help)",
+        add_help=False,
     )
-    bench.add_args(be)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs a subcommand; returns the exit status. Errors: one line, status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        return _run(argv)
+    except UsageError as e:
+        print(f"rotatekv: error: {e}", file=sys.stderr)
+        raise
+    except Exception as e:
+        from ._rotatekv import RotateKVError
+
+        if debug or not isinstance(e, RotateKVError | OSError):
+            raise
+        print(f"rotatekv: error: {e}", file=sys.stderr)
+        raise UsageError(str(e)) from None
+
+
+def _run(argv: list[str]) -> int:
+    rest = [a for a in argv if a != "--debug"]
+    if rest[:1] == ["bench"]:
+        from . import bench
+
+        return bench.main(rest[1:])
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "bench":
-        return bench.main_args(args)
     if args.command == "demo":
         if args.synthetic:
             from .demo import run_demo

@@ -43,8 +43,8 @@ from . import KVStore, QuantConfig, RotationPlan
 from ._band import band_attention, merge
 from ._rope import tables as _rope_tables
 from ._rope import unrope as _unrope
-from ._rotatekv import ArgumentError, RotateKVError
-from .policy import Allocator, chunk_statistics
+from ._rotatekv import ArgumentError, DeviceError, RotateKVError
+from .policy import CLASSES, Allocator, chunk_statistics
 
 ATTN_NAME = "rotatekv"
 _STATE_ATTR = "_rotatekv_state"
@@ -228,11 +228,10 @@ class RotateKVCache(Cache):
             )
         layouts = key_layouts or [config.key_layout] * self.spec.num_layers
         if layer_bits is not None and (
-            len(layer_bits) != self.spec.num_layers
-            or any(b not in (2, 3, 4, 8, 16) for b in layer_bits)
+            len(layer_bits) != self.spec.num_layers or any(b not in CLASSES for b in layer_bits)
         ):
             raise ArgumentError(
-                f"layer_bits: expected {self.spec.num_layers} widths in (2, 3, 4, 8, 16), "
+                f"layer_bits: expected {self.spec.num_layers} widths in {CLASSES}, "
                 f"got {layer_bits!r}"
             )
         # Layers stored at another width than the config's (calibration's wider layers).
@@ -373,6 +372,20 @@ class RotateKVCache(Cache):
                 bits -= store.class_bits(16) * count * per_token
                 elems -= count * per_token
         return bits / elems if elems else 0.0
+
+
+def _check_device(device: str | None) -> None:
+    """Refuses a cache device this machine lacks at enable time, not in the first forward."""
+    if device is None or device in ("cpu", "emu"):
+        return
+    if not isinstance(device, str) or not (device == "cuda" or device.startswith("cuda:")):
+        raise ArgumentError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'emu', got {device!r}")
+    index = device.partition(":")[2]
+    if index and not index.isdigit():
+        raise ArgumentError(f"device: expected 'cuda' or 'cuda:N', got {device!r}")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(index or 0) >= n:
+        raise DeviceError(f"device: {device!r} is not available here ({n} CUDA devices visible)")
 
 
 def _check_plan(plan: RotationPlan, spec: ModelSpec) -> None:
@@ -688,6 +701,7 @@ def enable(
     if not isinstance(config, QuantConfig):
         raise ArgumentError(f"config: expected a QuantConfig, got {type(config).__name__}")
     _check_plan(plan, spec)
+    _check_device(device)
     rope_types = _rope_types(model)
     if plan.mode == "pre_rope" and rope_types & {"dynamic", "longrope"}:
         # These recompute inv_freq as the context grows; keys stored before RoPE would be

@@ -49,7 +49,9 @@ def load(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch
 
     path = Path(model) if model is not None else default_model_path()
     if not path.exists():
-        raise ArgumentError(f"model: expected a GGUF file or a model directory, got {str(path)!r}")
+        raise ArgumentError(
+            f"model: {str(path)!r} not found (expected a GGUF file or a model directory)"
+        )
     if path.is_file():
         if path.suffix != ".gguf":
             raise ArgumentError(f"model: expected a .gguf file or a directory, got {str(path)!r}")

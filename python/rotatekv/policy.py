@@ -45,12 +45,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ._rotatekv import ArgumentError, KVStore
+from ._config import POLICIES
+from ._rotatekv import _CLASS_BITS, ArgumentError, KVStore
 from .saliency import attention_mass
 
 PolicyName = Literal["fixed", "saliency", "akvq"]
-POLICIES: tuple[str, ...] = ("fixed", "saliency", "akvq")
-CLASSES: tuple[int, ...] = (2, 3, 4, 8, 16)
+CLASSES: tuple[int, ...] = tuple(_CLASS_BITS)
 
 # Token types (``token_types``): what a vision-language model's tokens are.
 TEXT, IMAGE, OTHER = 0, 1, 2
@@ -448,21 +448,3 @@ def chunk_statistics(
         softcap=softcap, window=window, lag=lag,
     )  # fmt: skip
     return m.mean(queries.shape[1]), m.count > 0
-
-
-def check_budget(budget: float | None, policy: str) -> None:
-    """Validates a policy and its budget (``QuantConfig``)."""
-    if policy not in POLICIES:
-        raise ArgumentError(f"policy: expected one of {POLICIES}, got {policy!r}")
-    if policy == "fixed":
-        if budget is not None:
-            raise ArgumentError(
-                "budget: expected None with policy 'fixed' (a budget needs a policy)"
-            )
-        return
-    if budget is None or isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ArgumentError(
-            f"budget: expected bits per element (a float) with policy {policy!r}, got {budget!r}"
-        )
-    if not math.isfinite(budget) or not 2.0 <= budget <= 17.0:
-        raise ArgumentError(f"budget: expected bits per element in [2, 17], got {budget!r}")

@@ -1,4 +1,7 @@
-//! Fused attention over the packed store (CPU).
+//! Fused attention over packed blocks (CPU): the one attention kernel of the CPU backend.
+//!
+//! Blocks arrive as [`PageView`] descriptors, per request, so the store's own pages and a
+//! caller-owned pool read through a block table ([`crate::paged`]) run the same code.
 //!
 //! For a block of queries and a page of tokens, per head group: the page's keys are
 //! dequantized into a small channel-major tile (`[channels][page tokens]`, L1-resident, never
@@ -12,7 +15,7 @@
 //! When keys are rotated per head (`group_heads = 1`) and not pre-RoPE, queries are rotated
 //! instead (`q̃ = P H q`, so `q̃ · k̃ = q · k`) and quantized tiles are used as stored.
 //!
-//! Work is split over sequences, query blocks and page ranges (split-K); partial softmax
+//! Work is split over requests, query blocks and page ranges (split-K); partial softmax
 //! states are merged exactly.
 
 // Kernels index several arrays with one counter; iterator chains would hide that from
@@ -21,19 +24,18 @@
 
 use rayon::prelude::*;
 
-use crate::cuda::abi;
-use crate::cuda::backend::Launch;
+use crate::config::Meta;
 use crate::error::{Error, Result};
+use crate::format::Layout;
 use crate::hadamard::cols_raw_body;
-use crate::page::{Layout, Page};
+use crate::page::PageView;
 use crate::quant::{affine_scalar, unpack_row_f32};
 use crate::rope::sincos_f32_angle;
 use crate::rotation::Mode;
-use crate::simd::{self, f16_to_f32, madd, Level};
-use crate::store::{check_positions, class_index, dtype_code, DevTensor, KVStore, Meta};
-use crate::tensor::{DType, OutData, View4};
+use crate::simd::{f16_to_f32, madd, Level};
+use crate::tensor::{OutData, View4};
 
-/// What [`attend`] takes besides the layer and the output.
+/// What a store's attention takes besides the layer and the output.
 #[derive(Clone, Copy, Debug)]
 pub struct AttendArgs<'a> {
     /// Queries `[B, Hq, Tq, D]` (RoPE already applied, as models compute them).
@@ -50,7 +52,7 @@ pub struct AttendArgs<'a> {
     pub softcap: Option<f32>,
     /// Also mask the keys within `lag` positions of the query (`q_pos - k_pos < lag`; needs
     /// `causal`): a caller that attends to a query's recent tokens in full precision reads
-    /// only the older ones here and merges the two with the log-sum-exp ([`attend_lse`]).
+    /// only the older ones here and merges the two with the log-sum-exp.
     pub lag: usize,
 }
 
@@ -72,7 +74,8 @@ pub struct Options<'a> {
 }
 
 impl AttendArgs<'_> {
-    fn options(&self) -> Options<'_> {
+    /// The options part.
+    pub fn options(&self) -> Options<'_> {
         Options {
             positions: self.positions,
             causal: self.causal,
@@ -84,151 +87,127 @@ impl AttendArgs<'_> {
     }
 }
 
-/// Attention of a device store: `q` and `out` (`[B, Hq, Tq, D]`, same dtype) are device
-/// tensors; the fused kernel reads the packed pages in place (split-K over pages, then one
-/// combine launch), on the backend's current stream. `lse`, when given, is a contiguous
-/// float32 device tensor `[B, Hq, Tq]` that receives each row's log-sum-exp (as in
-/// [`attend_lse`]).
-pub fn attend_device(
-    store: &KVStore,
-    layer: usize,
-    q: &DevTensor,
-    out: &DevTensor,
-    lse: Option<&DevTensor>,
-    o: &Options,
-) -> Result<()> {
-    let Some(dev) = &store.dev else {
-        return Err(Error::device(
-            "q: this store lives on the CPU: pass CPU tensors",
-        ));
-    };
-    let m = &store.meta;
-    if out.shape != q.shape || out.dtype != q.dtype {
-        return Err(Error::shape(
-            "out",
-            format!("{:?} of {}", q.shape, q.dtype.name()),
-            format!("{:?} of {}", out.shape, out.dtype.name()),
+/// Scale, window (about the lag-shifted positions) and lag of checked options.
+#[derive(Clone, Copy, Debug)]
+pub struct Masking {
+    /// Score scale.
+    pub scale: f32,
+    /// The window about the shifted positions.
+    pub window: Option<usize>,
+    /// Query positions are shifted down by this much.
+    pub lag: usize,
+}
+
+/// Checks the options every attention call shares (one place for both backends, the store
+/// and the pools). `d` is the head dim.
+pub fn check_options(o: &Options, d: usize) -> Result<Masking> {
+    let scale = o.scale.unwrap_or(1.0 / (d as f32).sqrt());
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(Error::value(
+            "scale",
+            "a finite value > 0",
+            scale.to_string(),
         ));
     }
-    if let Some(l) = lse {
-        let [b, hq, tq, _] = q.shape;
-        let want = [tq * hq, tq, 1];
-        if l.dtype != DType::F32
-            || l.shape[..3] != [b, hq, tq]
-            || l.shape[3] != 1
-            || (b * hq * tq > 1 && l.strides[..3] != want)
-        {
-            return Err(Error::shape(
-                "lse",
-                format!("a contiguous float32 [{b}, {hq}, {tq}]"),
-                format!("{:?} of {}", &l.shape[..3], l.dtype.name()),
-            ));
+    if let Some(c) = o.softcap {
+        if !(c.is_finite() && c > 0.0) {
+            return Err(Error::value("softcap", "a finite value > 0", c.to_string()));
         }
     }
-    let Some(Prepared {
+    if o.window == Some(0) {
+        return Err(Error::value("window", ">= 1", "0"));
+    }
+    if o.lag > 0 && !o.causal {
+        return Err(Error::value(
+            "lag",
+            "0 without causal masking",
+            o.lag.to_string(),
+        ));
+    }
+    if o.lag > i32::MAX as usize || o.window.is_some_and(|w| w <= o.lag) {
+        return Err(Error::value(
+            "lag",
+            format!(
+                "less than the window ({})",
+                o.window.unwrap_or(i32::MAX as usize)
+            ),
+            o.lag.to_string(),
+        ));
+    }
+    // Masks are all the kernels use query positions for (queries arrive with RoPE applied),
+    // so a lag is a shift of the query positions; the window shrinks by as much to keep
+    // `q_pos - k_pos < window` about the true position.
+    Ok(Masking {
         scale,
-        qpos,
-        window,
-    }) = prepare(store, layer, q.shape, o)?
-    else {
-        return Ok(());
-    };
-    let [b, hq, tq, d] = q.shape;
-    let mut pages = Vec::new();
-    let mut off = vec![0i32];
-    let mut most = 0;
-    for s in &store.layers[layer] {
-        let n0 = pages.len();
-        for p in s.all_pages().filter(|p| p.live() > 0) {
-            pages.push(abi::RkvPage {
-                data: p.dev_ptr(),
-                cls: class_index(p.bits) as i32,
-                start: p.start as i32,
-                len: p.len as i32,
-                pad: 0,
-            });
+        window: o.window.map(|w| w - o.lag),
+        lag: o.lag,
+    })
+}
+
+/// Where each request's queries sit: request `b` has `tq[b]` query rows per head, the
+/// rows `q0[b] .. q0[b] + tq[b]` of the flat query order.
+#[derive(Clone, Debug)]
+pub struct Queries {
+    /// First flat query row of each request.
+    pub q0: Vec<usize>,
+    /// Query rows of each request.
+    pub tq: Vec<usize>,
+    /// Query heads.
+    pub hq: usize,
+    /// Outputs (and log-sum-exps) are token-major `[Tq_total, Hq]` rows (a pool's ragged
+    /// batch) instead of `[B, Hq, Tq]` (the store's).
+    pub token_major: bool,
+}
+
+impl Queries {
+    /// `B` requests of `tq` queries each.
+    pub fn uniform(b: usize, hq: usize, tq: usize) -> Self {
+        Queries {
+            q0: (0..b).map(|i| i * tq).collect(),
+            tq: vec![tq; b],
+            hq,
+            token_major: false,
         }
-        most = most.max(pages.len() - n0);
-        off.push(pages.len() as i32);
     }
-    let (rows, tile, smem) = abi::attend_tiles(m, hq, tq);
-    let base = abi::attend_grid(m, hq, tq, rows, 1);
-    let splits = abi::attend_splits(
-        (base[1] * base[2]) as usize,
-        most,
-        2 * dev.backend.sm_count(),
-    );
-    let bk = &dev.backend;
-    let mut temps = Vec::new();
-    let res = (|| -> Result<()> {
-        let up = |temps: &mut Vec<u64>, bytes: &[u8]| -> Result<u64> {
-            let p = bk.temp(bytes.len().max(4))?;
-            temps.push(p);
-            bk.h2d(p, bytes)?;
-            Ok(p)
-        };
-        let pages_d = up(&mut temps, bytemuck::cast_slice(&pages))?;
-        let off_d = up(&mut temps, bytemuck::cast_slice(&off))?;
-        let qpos_d = up(&mut temps, bytemuck::cast_slice(&qpos))?;
-        let work = bk.temp(b * splits * hq * tq * (d + 2) * 4)?;
-        temps.push(work);
-        let rope = m.rope.as_ref();
-        let strides = |t: &DevTensor| t.strides.map(|x| x as i64);
-        let p = abi::RkvAttendParams {
-            q: q.ptr,
-            pages: pages_d,
-            page_off: off_d,
-            qpos: qpos_d,
-            perm: dev.perm[layer].ptr,
-            inv_freq: dev.inv_freq.as_ref().map_or(0, |x| x.ptr),
-            work,
-            q_s: strides(q),
-            batch: b as i32,
-            hq: hq as i32,
-            tq: tq as i32,
-            d: d as i32,
-            heads: m.heads as i32,
-            group_heads: m.plan.group_heads as i32,
-            q_dtype: dtype_code(q.dtype),
-            fp_format: abi::fp_code(m.cfg.fp_format),
-            mode: abi::mode_code(m.plan.mode),
-            rotate_keys: m.plan.rotates_keys() as i32,
-            rotate_values: m.plan.rotate_values as i32,
-            rot_half: rope.map_or(0, |r| r.half() as i32),
-            causal: o.causal as i32,
-            window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
-            splits: splits as i32,
-            rows_per_block: rows as i32,
-            tile_tokens: tile as i32,
-            pad0: 0,
-            scale,
-            softcap: o.softcap.unwrap_or(0.0),
-            rope_scaling: rope.map_or(1.0, |r| r.scaling),
-            pad1: 0.0,
-            lay: abi::layouts(m),
-        };
-        let grid = abi::attend_grid(m, hq, tq, rows, splits);
-        bk.launch(Launch::Attend(&p, grid, smem))?;
-        let c = abi::RkvCombineParams {
-            work,
-            out: out.ptr,
-            lse: lse.map_or(0, |l| l.ptr),
-            o_s: strides(out),
-            batch: b as i32,
-            hq: hq as i32,
-            tq: tq as i32,
-            d: d as i32,
-            splits: splits as i32,
-            o_dtype: dtype_code(out.dtype),
-            rotate_values: m.plan.rotate_values as i32,
-            pad: 0,
-        };
-        bk.launch(Launch::Combine(&c))
-    })();
-    for t in temps {
-        bk.free_temp(t);
+    /// Query rows of every request, per head.
+    pub fn total(&self) -> usize {
+        self.tq.iter().sum()
     }
-    res
+    /// Row of query `t` of head `h` of request `b` in the kernel's dense queries
+    /// (`[request][Hq][Tq_b]`).
+    #[inline(always)]
+    fn dense(&self, b: usize, h: usize, t: usize) -> usize {
+        self.q0[b] * self.hq + h * self.tq[b] + t
+    }
+    /// Row of query `t` of head `h` of request `b` in the output.
+    #[inline(always)]
+    pub fn out_row(&self, b: usize, h: usize, t: usize) -> usize {
+        if self.token_major {
+            (self.q0[b] + t) * self.hq + h
+        } else {
+            self.dense(b, h, t)
+        }
+    }
+}
+
+/// One attention call over page views, as the store and the pools hand it to the kernel.
+pub struct Job<'a> {
+    /// Shapes, plan, RoPE and transforms.
+    pub meta: &'a Meta,
+    /// Layer (selects the plan's permutation).
+    pub layer: usize,
+    /// Live pages of each request, in order.
+    pub pages: Vec<Vec<PageView<'a>>>,
+    /// Query layout.
+    pub rows: Queries,
+    /// Query positions by flat query row (before the lag shift).
+    pub qpos: Vec<i32>,
+    /// Mask keys after the query.
+    pub causal: bool,
+    /// Soft cap.
+    pub softcap: Option<f32>,
+    /// Checked scale, window and lag.
+    pub masking: Masking,
 }
 
 /// `e^x` in f32 to ~1e-7 relative error, 0 below -87; branch-free so that it vectorizes.
@@ -292,7 +271,7 @@ impl Partial {
     }
 }
 
-/// One unit of parallel work: a sequence, a block of queries, a range of pages.
+/// One unit of parallel work: a request, a block of its queries, a range of its pages.
 struct Item {
     b: usize,
     tq0: usize,
@@ -305,97 +284,35 @@ struct Item {
 struct Ctx<'a> {
     meta: &'a Meta,
     layer: usize,
-    pages: Vec<Vec<&'a Page>>,
-    hq: usize,
-    tq: usize,
-    /// `[B][Hq][Tq][D]`, scaled.
+    pages: &'a [Vec<PageView<'a>>],
+    rows: &'a Queries,
+    /// Dense `[request][Hq][Tq_b][D]`, scaled.
     q: Vec<f32>,
     /// Rotated queries for quantized pages (fast path), same shape.
     q_rot: Option<Vec<f32>>,
     /// Rotated queries rounded to i16 pairs, for the VNNI path.
     q_int: Option<QInt>,
+    /// By flat query row, lag-shifted.
     qpos: Vec<i32>,
     causal: bool,
     window: Option<usize>,
     softcap: Option<f32>,
 }
 
-/// Runs attention for every query of `layer` and writes `[B, Hq, Tq, D]` into `out`.
-pub fn attend(store: &KVStore, layer: usize, a: &AttendArgs, out: &mut OutData) -> Result<()> {
-    attend_at(simd::level(), store, layer, a, out)
-}
-
-/// [`attend`] that also writes each row's log-sum-exp of its scaled (and capped) scores,
-/// `lse: [B, Hq, Tq]` (`-inf` for a row that sees no key, whose output is 0), so that
-/// attention over disjoint key sets can be merged exactly.
-pub fn attend_lse(
-    store: &KVStore,
-    layer: usize,
-    a: &AttendArgs,
-    out: &mut OutData,
-    lse: &mut [f32],
-) -> Result<()> {
-    attend_inner(simd::level(), store, layer, a, out, Some(lse))
-}
-
-/// [`attend`] at a given SIMD level (tests compare levels).
-pub fn attend_at(
-    level: Level,
-    store: &KVStore,
-    layer: usize,
-    a: &AttendArgs,
-    out: &mut OutData,
-) -> Result<()> {
-    attend_inner(level, store, layer, a, out, None)
-}
-
-fn attend_inner(
-    level: Level,
-    store: &KVStore,
-    layer: usize,
-    a: &AttendArgs,
-    out: &mut OutData,
-    mut lse: Option<&mut [f32]>,
-) -> Result<()> {
-    if store.dev.is_some() {
-        return Err(Error::device(format!(
-            "q: this store lives on {}: pass device tensors",
-            store.device_name()
-        )));
-    }
-    let m = &store.meta;
-    let [b, hq, tq, d] = a.q.shape;
-    if out.len() != b * hq * tq * d {
-        return Err(Error::shape(
-            "out",
-            format!("{} elements", b * hq * tq * d),
-            out.len().to_string(),
-        ));
-    }
-    if let Some(l) = &lse {
-        if l.len() != b * hq * tq {
-            return Err(Error::shape(
-                "lse",
-                format!("{} elements", b * hq * tq),
-                l.len().to_string(),
-            ));
-        }
-    }
-    let Some(Prepared {
-        scale,
-        qpos,
-        window,
-    }) = prepare(store, layer, a.q.shape, &a.options())?
-    else {
-        return Ok(());
-    };
-    let seqs = &store.layers[layer];
-    let mut q = vec![0f32; b * hq * tq * d];
-    for bi in 0..b {
-        for h in 0..hq {
-            for t in 0..tq {
-                let o = ((bi * hq + h) * tq + t) * d;
-                a.q.read_row(bi, h, t, &mut q[o..o + d]);
+/// Reads the queries of a job into the kernel's dense, scaled order: `read(b, h, t, row)`
+/// fills one row. Non-finite queries are refused (they would poison the softmax silently).
+pub fn dense_queries(
+    rows: &Queries,
+    d: usize,
+    scale: f32,
+    mut read: impl FnMut(usize, usize, usize, &mut [f32]),
+) -> Result<Vec<f32>> {
+    let mut q = vec![0f32; rows.total() * rows.hq * d];
+    for b in 0..rows.tq.len() {
+        for h in 0..rows.hq {
+            for t in 0..rows.tq[b] {
+                let o = rows.dense(b, h, t) * d;
+                read(b, h, t, &mut q[o..o + d]);
                 q[o..o + d].iter_mut().for_each(|x| *x *= scale);
             }
         }
@@ -403,6 +320,45 @@ fn attend_inner(
     if let Some(x) = q.iter().find(|x| !x.is_finite()) {
         return Err(Error::value("q", "finite values", x.to_string()));
     }
+    Ok(q)
+}
+
+/// Runs a job: writes every query row's output (`rows.total() * Hq` rows of `D`) into `out`
+/// and, when given, its log-sum-exp of the scaled (and capped) scores into `lse` (`-inf`
+/// for a row that sees no key, whose output is 0), so that attention over disjoint key sets
+/// can be merged exactly. `q` comes from [`dense_queries`].
+pub fn run(
+    level: Level,
+    job: &Job,
+    q: Vec<f32>,
+    out: &mut OutData,
+    mut lse: Option<&mut [f32]>,
+) -> Result<()> {
+    let m = job.meta;
+    let d = m.d;
+    let rows = &job.rows;
+    let hq = rows.hq;
+    let n_rows = rows.total() * hq;
+    if out.len() != n_rows * d {
+        return Err(Error::shape(
+            "out",
+            format!("{} elements", n_rows * d),
+            out.len().to_string(),
+        ));
+    }
+    if let Some(l) = &lse {
+        if l.len() != n_rows {
+            return Err(Error::shape(
+                "lse",
+                format!("{n_rows} elements"),
+                l.len().to_string(),
+            ));
+        }
+    }
+    if n_rows == 0 {
+        return Ok(());
+    }
+    let layer = job.layer;
     let plan = &m.plan;
     let fast = plan.mode != Mode::PreRope && plan.group_heads == 1;
     let q_rot = fast.then(|| {
@@ -410,50 +366,54 @@ fn attend_inner(
         let mut qr = q.clone();
         let perm = &plan.key_perm[layer];
         let mut y = vec![0f32; d];
-        for (i, row) in qr.chunks_exact_mut(d).enumerate() {
-            let kh = (i / tq) % hq / gqa;
-            y.copy_from_slice(row);
-            if let Some(h) = &m.had_k {
-                h.forward(&mut y);
-            }
-            for (j, o) in row.iter_mut().enumerate() {
-                *o = y[perm[kh * d + j] as usize];
+        // Dense rows are [request][Hq][Tq_b]: walk them by request to know each row's head.
+        let mut r = 0;
+        for b in 0..rows.tq.len() {
+            for h in 0..hq {
+                let kh = h / gqa;
+                for _ in 0..rows.tq[b] {
+                    let row = &mut qr[r * d..(r + 1) * d];
+                    y.copy_from_slice(row);
+                    if let Some(hk) = &m.had_k {
+                        hk.forward(&mut y);
+                    }
+                    for (j, o) in row.iter_mut().enumerate() {
+                        *o = y[perm[kh * d + j] as usize];
+                    }
+                    r += 1;
+                }
             }
         }
         qr
     });
     let q_int = q_rot.as_ref().map(|qr| QInt::new(qr, d, m.group));
-    let pages: Vec<Vec<&Page>> = seqs
-        .iter()
-        .map(|s| {
-            s.all_pages()
-                .map(|p| p.as_ref())
-                .filter(|p| p.live() > 0)
-                .collect()
-        })
-        .collect();
+    let lag = job.masking.lag as i32;
     let ctx = Ctx {
         meta: m,
         layer,
-        pages,
-        hq,
-        tq,
+        pages: &job.pages,
+        rows,
         q,
         q_rot,
         q_int,
-        qpos,
-        causal: a.causal,
-        window,
-        softcap: a.softcap,
+        qpos: job.qpos.iter().map(|p| p - lag).collect(),
+        causal: job.causal,
+        window: job.masking.window,
+        softcap: job.softcap,
     };
     // Query blocks keep an item's rows (Hq * block) around 256; page ranges split the rest.
-    let tqb = (256 / hq).clamp(1, tq);
-    let nqb = tq.div_ceil(tqb);
     let threads = rayon::current_num_threads().max(1);
+    let nb = rows.tq.len();
     let mut items = Vec::new();
-    for bi in 0..b {
+    for bi in 0..nb {
+        let tq = rows.tq[bi];
+        if tq == 0 {
+            continue;
+        }
+        let tqb = (256 / hq).clamp(1, tq);
+        let nqb = tq.div_ceil(tqb);
         let np = ctx.pages[bi].len();
-        let want = (4 * threads).div_ceil(b * nqb);
+        let want = (4 * threads).div_ceil(nb * nqb);
         let splits = want.clamp(1, np.div_ceil(8).max(1));
         for qb in 0..nqb {
             let tq0 = qb * tqb;
@@ -473,7 +433,7 @@ fn attend_inner(
         .par_iter()
         .map(|it| run_item(level, &ctx, it))
         .collect();
-    // Merge the splits of each (sequence, query block) and finish the rows.
+    // Merge the splits of each (request, query block) and finish the rows.
     let mut i = 0;
     let mut row_out = vec![0f32; d];
     while i < items.len() {
@@ -501,7 +461,7 @@ fn attend_inner(
                 } else {
                     row_out.fill(0.0);
                 }
-                let at = (it.b * hq + h) * tq + it.tq0 + t;
+                let at = rows.out_row(it.b, h, it.tq0 + t);
                 if let Some(x) = lse.as_deref_mut() {
                     x[at] = if l > 0.0 {
                         acc.m[r] + l.ln()
@@ -515,98 +475,6 @@ fn attend_inner(
         i = j;
     }
     Ok(())
-}
-
-/// What the kernels mask and scale with, after [`prepare`].
-struct Prepared {
-    scale: f32,
-    /// Query positions `[B*Tq]`, less the lag.
-    qpos: Vec<i32>,
-    /// The window about the shifted positions.
-    window: Option<usize>,
-}
-
-/// Checks what every attention call takes besides the tensors' memory; `None` when there
-/// are no queries.
-fn prepare(
-    store: &KVStore,
-    layer: usize,
-    shape: [usize; 4],
-    a: &Options,
-) -> Result<Option<Prepared>> {
-    let m = &store.meta;
-    let [b, hq, tq, d] = shape;
-    if b != m.batch || d != m.d || hq == 0 || hq % m.heads != 0 {
-        return Err(Error::shape(
-            "q",
-            format!(
-                "[B={}, Hq (a multiple of {}), Tq, D={}]",
-                m.batch, m.heads, m.d
-            ),
-            format!("[{b}, {hq}, {tq}, {d}]"),
-        ));
-    }
-    if let Some(p) = a.positions {
-        check_positions(p, b, tq, "Tq")?;
-    }
-    let scale = a.scale.unwrap_or(1.0 / (d as f32).sqrt());
-    if !(scale.is_finite() && scale > 0.0) {
-        return Err(Error::value(
-            "scale",
-            "a finite value > 0",
-            scale.to_string(),
-        ));
-    }
-    if let Some(c) = a.softcap {
-        if !(c.is_finite() && c > 0.0) {
-            return Err(Error::value("softcap", "a finite value > 0", c.to_string()));
-        }
-    }
-    if a.window == Some(0) {
-        return Err(Error::value("window", ">= 1", "0"));
-    }
-    if a.lag > 0 && !a.causal {
-        return Err(Error::value(
-            "lag",
-            "0 without causal masking",
-            a.lag.to_string(),
-        ));
-    }
-    if a.lag > i32::MAX as usize || a.window.is_some_and(|w| w <= a.lag) {
-        return Err(Error::value(
-            "lag",
-            format!(
-                "less than the window ({})",
-                a.window.unwrap_or(i32::MAX as usize)
-            ),
-            a.lag.to_string(),
-        ));
-    }
-    if tq == 0 {
-        return Ok(None);
-    }
-    let seqs = &store.layers[layer];
-    let mut qpos = vec![0i32; b * tq];
-    for bi in 0..b {
-        for t in 0..tq {
-            qpos[bi * tq + t] = match a.positions {
-                Some(p) if p.len() == tq => p[t] as i32,
-                Some(p) => p[bi * tq + t] as i32,
-                None => (seqs[bi].next_pos - tq as i64 + t as i64).max(0) as i32,
-            };
-        }
-    }
-    // Masks are all the kernels use query positions for (queries arrive with RoPE applied),
-    // so a lag is a shift of the query positions; the window shrinks by as much to keep
-    // `q_pos - k_pos < window` about the true position.
-    if a.lag > 0 {
-        qpos.iter_mut().for_each(|p| *p -= a.lag as i32);
-    }
-    Ok(Some(Prepared {
-        scale,
-        qpos,
-        window: a.window.map(|w| w - a.lag),
-    }))
 }
 
 /// Runs one work item at a SIMD level (the AVX-512 build also enables the VNNI path).
@@ -725,7 +593,7 @@ fn pair16(bytes: &[u8], o0: usize, o1: usize) -> std::arch::x86_64::__m512i {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn pv_vnni<const CAP: usize, const B: u8>(
-    page: &Page,
+    page: &PageView,
     lay: &Layout,
     kh: usize,
     d: usize,
@@ -736,7 +604,7 @@ unsafe fn pv_vnni<const CAP: usize, const B: u8>(
     use std::arch::x86_64::*;
     debug_assert!(CAP == 64 && (B == 2 || B == 4));
     let base = lay.head(kh);
-    let bytes = page.bytes();
+    let bytes = page.bytes;
     let s16 = page.u16s(base + lay.v_scale, CAP);
     let z16 = page.u16s(base + lay.v_zero, CAP);
     let vs: [f32; CAP] = std::array::from_fn(|t| f16_to_f32(s16[t]));
@@ -817,7 +685,7 @@ unsafe fn pv_vnni<const CAP: usize, const B: u8>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn scores_vnni<const CAP: usize, const B: u8>(
-    page: &Page,
+    page: &PageView,
     lay: &Layout,
     hp: &HeadParams<CAP>,
     kh: usize,
@@ -829,7 +697,7 @@ unsafe fn scores_vnni<const CAP: usize, const B: u8>(
 ) {
     use std::arch::x86_64::*;
     debug_assert!(CAP == 64 && (B == 2 || B == 4));
-    let bytes = page.bytes();
+    let bytes = page.bytes;
     let base = lay.head(kh);
     let k_row = lay.k_row;
     let planes = 8 / B as usize;
@@ -900,7 +768,7 @@ impl<const CAP: usize> HeadParams<CAP> {
     }
 
     #[inline(always)]
-    fn load(&mut self, m: &Meta, page: &Page, lay: &Layout, h: usize) {
+    fn load(&mut self, m: &Meta, page: &PageView, lay: &Layout, h: usize) {
         let base = lay.head(h);
         let d = m.d;
         if lay.per_channel {
@@ -928,7 +796,7 @@ impl<const CAP: usize> HeadParams<CAP> {
 #[inline(always)]
 fn key_row<const FMA: bool, const CAP: usize, const B: u8>(
     m: &Meta,
-    page: &Page,
+    page: &PageView,
     lay: &Layout,
     hp: &HeadParams<CAP>,
     h: usize,
@@ -945,7 +813,7 @@ fn key_row<const FMA: bool, const CAP: usize, const B: u8>(
         return;
     }
     let off = base + c * lay.k_row;
-    unpack_row_f32(&page.bytes()[off..off + lay.k_row], B, out);
+    unpack_row_f32(&page.bytes[off..off + lay.k_row], B, out);
     if lay.per_channel {
         affine_scalar::<FMA>(out, hp.cs[c], hp.cz[c]);
     } else {
@@ -963,7 +831,7 @@ fn key_row<const FMA: bool, const CAP: usize, const B: u8>(
 #[allow(clippy::too_many_arguments)]
 fn key_tile<const FMA: bool, const CAP: usize, const B: u8>(
     m: &Meta,
-    page: &Page,
+    page: &PageView,
     lay: &Layout,
     hps: &[HeadParams<CAP>],
     g: usize,
@@ -976,7 +844,7 @@ fn key_tile<const FMA: bool, const CAP: usize, const B: u8>(
     if B < 16 && !lay.per_channel {
         // Per-token scales: one group's scale and zero rows stay in registers across its
         // channels instead of being reloaded per channel.
-        let bytes = page.bytes();
+        let bytes = page.bytes;
         for (hh, hp) in hps.iter().enumerate() {
             let base = lay.head(g * gh + hh);
             for gi in 0..d / m.group {
@@ -1008,7 +876,7 @@ fn key_tile<const FMA: bool, const CAP: usize, const B: u8>(
 #[inline(always)]
 fn scores_direct<const FMA: bool, const CAP: usize, const B: u8>(
     m: &Meta,
-    page: &Page,
+    page: &PageView,
     lay: &Layout,
     hp: &HeadParams<CAP>,
     kh: usize,
@@ -1017,7 +885,7 @@ fn scores_direct<const FMA: bool, const CAP: usize, const B: u8>(
 ) {
     let (d, g) = (m.d, m.group);
     let base = lay.head(kh);
-    let bytes = page.bytes();
+    let bytes = page.bytes;
     let k = qs.len();
     let q4 = [qs[0], qs[1 % k], qs[2 % k], qs[3 % k]];
     let mut codes = [0f32; CAP];
@@ -1072,7 +940,7 @@ fn scores_direct<const FMA: bool, const CAP: usize, const B: u8>(
 #[inline(always)]
 fn value_row<const FMA: bool, const B: u8>(
     m: &Meta,
-    page: &Page,
+    page: &PageView,
     lay: &Layout,
     h: usize,
     u: usize,
@@ -1089,7 +957,7 @@ fn value_row<const FMA: bool, const B: u8>(
         return;
     }
     let off = base + lay.v_codes + u * lay.v_row;
-    unpack_row_f32(&page.bytes()[off..off + lay.v_row], B, out);
+    unpack_row_f32(&page.bytes[off..off + lay.v_row], B, out);
     let ng = d / m.group;
     let s = page.u16s(base + lay.v_scale + u * ng * 2, ng);
     let z = page.u16s(base + lay.v_zero + u * ng * 2, ng);
@@ -1261,7 +1129,7 @@ fn exp_row<const CAP: usize>(s: &mut [f32; CAP], mx: f32) -> f32 {
 fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it: &Item) -> Partial {
     let m = ctx.meta;
     let plan = &m.plan;
-    let (d, hkv, hq, tq) = (m.d, m.heads, ctx.hq, ctx.tq);
+    let (d, hkv, hq) = (m.d, m.heads, ctx.rows.hq);
     let gqa = hq / hkv;
     let gh = plan.group_heads;
     let gl = gh * d;
@@ -1280,12 +1148,13 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
     let mut scores = vec![[0f32; CAP]; gh * nr];
     let mut hps: Vec<HeadParams<CAP>> = (0..gh).map(|_| HeadParams::new(ngrp, d)).collect();
     let mut vt = vec![0f32; CAP * d];
-    let qpos = &ctx.qpos[it.b * tq + it.tq0..it.b * tq + it.tq0 + it.tqn];
+    let q0 = ctx.rows.q0[it.b] + it.tq0;
+    let qpos = &ctx.qpos[q0..q0 + it.tqn];
     let qmax = qpos.iter().copied().max().unwrap_or(0);
     let qmin = qpos.iter().copied().min().unwrap_or(0);
     let q_of = |src: &'_ [f32], kh: usize, r: usize| -> std::ops::Range<usize> {
         let (rep, t) = (r / it.tqn, r % it.tqn);
-        let o = ((it.b * hq + kh * gqa + rep) * tq + it.tq0 + t) * d;
+        let o = ctx.rows.dense(it.b, kh * gqa + rep, it.tq0 + t) * d;
         let _ = src;
         o..o + d
     };
@@ -1298,9 +1167,11 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
                 continue;
             }
         }
-        let lay = m.layout(page.bits);
-        let quant = page.bits < 16;
-        let pos = page.positions();
+        let lay = page.lay;
+        // Keys `bits` wide, values `vbits` (equal but in asymmetric block formats).
+        let (bits, vbits) = (lay.bits, lay.vbits);
+        let quant = bits < 16;
+        let pos: [i32; CAP] = page.pos.all::<CAP>();
         let mut rope_ready = false;
         let use_rot_q = quant && ctx.q_rot.is_some();
         let direct = use_rot_q && nr <= 8;
@@ -1318,7 +1189,7 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
                 while r < nr {
                     let k = (nr - r).min(4);
                     #[cfg(target_arch = "x86_64")]
-                    if VNNI && CAP == 64 && !lay.per_channel && (page.bits == 2 || page.bits == 4) {
+                    if VNNI && CAP == 64 && !lay.per_channel && (bits == 2 || bits == 4) {
                         let qi = ctx.q_int.as_ref().expect("integer queries");
                         let rows: [usize; 4] =
                             std::array::from_fn(|x| q_of(qsrc, kh, r + x % k).start / d);
@@ -1327,7 +1198,7 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
                         // SAFETY: VNNI is true only in the AVX-512 build of run_item, which runs
                         // only when the CPU has AVX-512 F/BW and VNNI.
                         unsafe {
-                            if page.bits == 2 {
+                            if bits == 2 {
                                 scores_vnni::<CAP, 2>(page, lay, hp, kh, d, m.group, qi, rows, out);
                             } else {
                                 scores_vnni::<CAP, 4>(page, lay, hp, kh, d, m.group, qi, rows, out);
@@ -1339,7 +1210,7 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
                     let qs: Vec<&[f32]> = (r..r + k).map(|x| &qsrc[q_of(qsrc, kh, x)]).collect();
                     let out = &mut scores[r..r + k];
                     let hp = &hps[0];
-                    match page.bits {
+                    match bits {
                         2 => scores_direct::<FMA, CAP, 2>(m, page, lay, hp, kh, &qs, out),
                         3 => scores_direct::<FMA, CAP, 3>(m, page, lay, hp, kh, &qs, out),
                         4 => scores_direct::<FMA, CAP, 4>(m, page, lay, hp, kh, &qs, out),
@@ -1372,7 +1243,7 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
                 } else {
                     None
                 };
-                match page.bits {
+                match bits {
                     2 => key_tile::<FMA, CAP, 2>(m, page, lay, &hps, g, pm, &mut tile),
                     3 => key_tile::<FMA, CAP, 3>(m, page, lay, &hps, g, pm, &mut tile),
                     4 => key_tile::<FMA, CAP, 4>(m, page, lay, &hps, g, pm, &mut tile),
@@ -1434,7 +1305,7 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
                             *v = cap * (*v / cap).tanh();
                         }
                     }
-                    mask_row(s, pos, page.start, page.len, lo, hi);
+                    mask_row(s, &pos, page.start, page.len, lo, hi);
                     let mx = row_max(s);
                     if mx == f32::NEG_INFINITY {
                         *s = [0.0; CAP];
@@ -1473,7 +1344,7 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
                 #[cfg(target_arch = "x86_64")]
                 if VNNI
                     && CAP == 64
-                    && (page.bits == 2 || page.bits == 4)
+                    && (vbits == 2 || vbits == 4)
                     && m.group == d
                     && lay.v_row.is_multiple_of(16)
                 {
@@ -1487,7 +1358,7 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
                         // SAFETY: VNNI is true only in the AVX-512 build of run_item, which
                         // runs only when the CPU has AVX-512 F/BW and VNNI.
                         unsafe {
-                            if page.bits == 2 {
+                            if vbits == 2 {
                                 pv_vnni::<CAP, 2>(page, lay, kh, d, p4, k, dst);
                             } else {
                                 pv_vnni::<CAP, 4>(page, lay, kh, d, p4, k, dst);
@@ -1499,7 +1370,7 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
                 }
                 for u in page.start..page.len {
                     let row = &mut vt[u * d..(u + 1) * d];
-                    match page.bits {
+                    match vbits {
                         2 => value_row::<FMA, 2>(m, page, lay, kh, u, row),
                         3 => value_row::<FMA, 3>(m, page, lay, kh, u, row),
                         4 => value_row::<FMA, 4>(m, page, lay, kh, u, row),

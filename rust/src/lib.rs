@@ -5,11 +5,15 @@
 #![deny(missing_docs)]
 
 pub mod attend;
+pub mod config;
 pub mod cuda;
+pub mod device;
 pub mod error;
+pub mod format;
 pub mod hadamard;
 pub mod io;
 pub mod page;
+pub mod paged;
 pub mod persist;
 pub mod quant;
 pub mod rope;
@@ -22,11 +26,12 @@ pub mod tensor;
 #[cfg(feature = "python")]
 pub mod python;
 
-pub use attend::{attend, AttendArgs};
+pub use attend::AttendArgs;
+pub use config::{KeyLayout, QuantConfig};
 pub use error::{Error, Result};
+pub use format::FpFormat;
 pub use hadamard::Hadamard;
-pub use page::FpFormat;
 pub use rope::Rope;
 pub use rotation::{Mode, RotationPlan};
-pub use store::{AppendArgs, KVStore, KeyLayout, QuantConfig};
+pub use store::{AppendArgs, KVStore};
 pub use tensor::{DType, Data, OutData, View4};

@@ -15,12 +15,14 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use crate::config::{KeyLayout, QuantConfig};
 use crate::error::{Error, Result};
+use crate::format::{FpFormat, Layout};
 use crate::io::{fnv1a64, write_atomic};
-use crate::page::{FpFormat, Page};
+use crate::page::Page;
 use crate::rope::Rope;
 use crate::rotation::{Mode, RotationPlan};
-use crate::store::{KVStore, KeyLayout, QuantConfig, Seq};
+use crate::store::{KVStore, Seq};
 
 const FORMAT: &str = "rotatekv.store";
 const VERSION: &str = "1";
@@ -374,7 +376,7 @@ pub fn from_bytes(bytes: &[u8], name: &str) -> Result<KVStore> {
     Ok(store)
 }
 
-fn check_scales(page: &Page, lay: &crate::page::Layout) -> std::result::Result<(), String> {
+fn check_scales(page: &Page, lay: &Layout) -> std::result::Result<(), String> {
     let ng = lay.d / lay.group;
     let k_len = if lay.per_channel { lay.d } else { ng * lay.cap };
     for h in 0..lay.heads {

@@ -20,35 +20,8 @@
 //! Codes that belong together in SIMD registers (`j`, `j+1`, ...) sit in consecutive bytes,
 //! so a row unpacks with shifts and masks only (no shuffles).
 
-use crate::error::{Error, Result};
+use crate::format::{max_code, packed_row_bytes};
 use crate::simd::{f16_to_f32, f32_to_f16, madd};
-
-/// Bit widths a store can hold. 16 means unquantized 16-bit floats.
-pub const BITS: [u8; 5] = [2, 3, 4, 8, 16];
-
-/// Checks a bit width.
-pub fn check_bits(arg: &str, bits: u8) -> Result<()> {
-    if BITS.contains(&bits) {
-        Ok(())
-    } else {
-        Err(Error::value(arg, "one of 2, 3, 4, 8, 16", bits.to_string()))
-    }
-}
-
-/// Bytes of a packed row of `n` codes.
-pub const fn packed_row_bytes(n: usize, bits: u8) -> usize {
-    match bits {
-        3 => n / 4 + n / 8,
-        16 => 2 * n,
-        b => n * b as usize / 8,
-    }
-}
-
-/// Largest code of a bit width.
-#[inline(always)]
-pub fn max_code(bits: u8) -> u8 {
-    ((1u16 << bits) - 1) as u8
-}
 
 /// Scale and zero (f16 bits) for a group with the given extremes.
 #[inline(always)]

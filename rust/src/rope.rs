@@ -64,6 +64,21 @@ impl Rope {
     }
 }
 
+impl Rope {
+    /// Undoes [`Rope::apply`] at `pos` (keys after RoPE back to before it): the rotation by
+    /// the opposite angle, divided by the scaling.
+    pub fn unapply(&self, x: &mut [f32], pos: i32) {
+        let h = self.half();
+        let inv = 1.0 / self.scaling;
+        for i in 0..h {
+            let (c, s) = sincos_f32_angle(pos as f32 * self.inv_freq[i]);
+            let (a, b) = (x[i], x[i + h]);
+            x[i] = (a * c + b * s) * inv;
+            x[i + h] = (b * c - a * s) * inv;
+        }
+    }
+}
+
 /// `(cos x, sin x)` of an f32 angle, accurate to about one f32 ulp: f64 Cody-Waite
 /// reduction by pi/2 (exact enough for any f32 angle a position can make), then f32 minimax
 /// polynomials on [-pi/4, pi/4] (Cephes' `sinf`/`cosf` coefficients), which run at twice the
@@ -105,6 +120,21 @@ mod tests {
                 .max((s as f64 - xd.sin()).abs());
         }
         assert!(worst < 2e-7, "worst {worst}");
+    }
+
+    #[test]
+    fn unapply_inverts_apply() {
+        let r = Rope::new(vec![1.0, 0.1, 0.01], 1.3, 8).unwrap();
+        for pos in [0, 1, 17, 4095, 100_000] {
+            let x: Vec<f32> = (0..8).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let mut y = x.clone();
+            r.apply(&mut y, pos);
+            assert!(y.iter().zip(&x).any(|(a, b)| (a - b).abs() > 1e-3) || pos == 0);
+            r.unapply(&mut y, pos);
+            for (a, b) in y.iter().zip(&x) {
+                assert!((a - b).abs() < 1e-5, "pos {pos}: {a} vs {b}");
+            }
+        }
     }
 
     #[test]

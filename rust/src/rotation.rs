@@ -133,6 +133,31 @@ impl RotationPlan {
         Ok(plan)
     }
 
+    /// The plan of layer `l` alone (a one-layer plan; `l` must be a layer of this plan).
+    pub fn layer(&self, l: usize) -> Self {
+        RotationPlan {
+            num_layers: 1,
+            key_perm: vec![self.key_perm[l].clone()],
+            key_clip: vec![self.key_clip[l]],
+            value_clip: vec![self.value_clip[l]],
+            ..self.clone_shape()
+        }
+    }
+
+    fn clone_shape(&self) -> Self {
+        RotationPlan {
+            num_layers: self.num_layers,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            group_heads: self.group_heads,
+            mode: self.mode,
+            rotate_values: self.rotate_values,
+            key_perm: Vec::new(),
+            key_clip: Vec::new(),
+            value_clip: Vec::new(),
+        }
+    }
+
     /// Channels of one head group.
     pub fn group_len(&self) -> usize {
         self.group_heads * self.head_dim

@@ -18,100 +18,22 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::cuda::abi::{self, RkvDst, RkvSrc};
-use crate::cuda::backend::{Backend, DevBuf};
+use crate::attend::{self, AttendArgs, Job, Masking, Options, Queries};
+use crate::config::{KeyLayout, Meta, QuantConfig};
+use crate::cuda::abi::{self, dtype_code, RkvDst, RkvSrc};
+use crate::cuda::backend::Backend;
+use crate::cuda::launch::{AttendIo, PageList};
+use crate::device::{DevBuf, DevTensor};
 use crate::error::{Error, Result};
-use crate::hadamard::Hadamard;
+use crate::format::{check_bits, class_index, FpFormat, Layout, NUM_CLASSES};
 use crate::page::{
-    move_slot, write_fp, write_quant_per_channel, write_quant_per_token, Chunk, FpFormat, Layout,
-    Page,
+    move_slot, write_fp, write_quant_per_channel, write_quant_per_token, Chunk, Page, PageView,
 };
-use crate::quant::{check_bits, unpack_row};
+use crate::quant::unpack_row;
 use crate::rope::Rope;
-use crate::rotation::{Mode, RotationPlan};
-use crate::simd::f16_to_f32;
-use crate::tensor::{DType, View4};
-
-/// How keys are grouped for quantization.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KeyLayout {
-    /// Groups of `group_size` channels of one token.
-    PerToken,
-    /// One group per channel over a page of tokens (KIVI).
-    PerChannel,
-}
-
-impl KeyLayout {
-    /// Parses `"per_token" | "per_channel"`.
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "per_token" => Ok(KeyLayout::PerToken),
-            "per_channel" => Ok(KeyLayout::PerChannel),
-            _ => Err(Error::value(
-                "key_layout",
-                "'per_token' or 'per_channel'",
-                format!("{s:?}"),
-            )),
-        }
-    }
-    /// The name used in Python and files.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyLayout::PerToken => "per_token",
-            KeyLayout::PerChannel => "per_channel",
-        }
-    }
-}
-
-/// Quantization settings of a store.
-#[derive(Clone, Debug, PartialEq)]
-pub struct QuantConfig {
-    /// Default bits of a token (2, 3, 4, 8 or 16).
-    pub bits: u8,
-    /// Channels per group; `None`: the head dim.
-    pub group_size: Option<usize>,
-    /// Key clip ratio; `None`: the plan's per-layer value.
-    pub key_clip: Option<f32>,
-    /// Value clip ratio; `None`: the plan's per-layer value.
-    pub value_clip: Option<f32>,
-    /// Most recent tokens per sequence kept in 16 bits.
-    pub residual: usize,
-    /// Key grouping.
-    pub key_layout: KeyLayout,
-    /// Tokens per page (32 or 64); `None`: 64 per token, 32 per channel.
-    pub page_tokens: Option<usize>,
-    /// Format of 16-bit tokens.
-    pub fp_format: FpFormat,
-}
-
-impl Default for QuantConfig {
-    fn default() -> Self {
-        QuantConfig {
-            bits: 2,
-            group_size: None,
-            key_clip: None,
-            value_clip: None,
-            residual: 0,
-            key_layout: KeyLayout::PerToken,
-            page_tokens: None,
-            fp_format: FpFormat::F16,
-        }
-    }
-}
-
-/// Index of a bit width among the precision classes.
-pub fn class_index(bits: u8) -> usize {
-    match bits {
-        2 => 0,
-        3 => 1,
-        4 => 2,
-        8 => 3,
-        _ => 4,
-    }
-}
-
-/// The 5 classes' bit widths, by index.
-pub const CLASS_BITS: [u8; 5] = [2, 3, 4, 8, 16];
+use crate::rotation::RotationPlan;
+use crate::simd::{self, f16_to_f32, Level};
+use crate::tensor::{DType, OutData, View4};
 
 /// One sequence of one layer.
 #[derive(Clone, Debug, Default)]
@@ -121,7 +43,7 @@ pub struct Seq {
     /// The recent window, oldest first.
     pub window: VecDeque<Arc<Page>>,
     /// The page of each class accepting tokens.
-    open: [Option<usize>; 5],
+    open: [Option<usize>; NUM_CLASSES],
     /// Position given to the next token when the caller gives none.
     pub next_pos: i64,
 }
@@ -142,54 +64,6 @@ impl Seq {
     /// Every page, window last.
     pub fn all_pages(&self) -> impl Iterator<Item = &Arc<Page>> {
         self.pages.iter().chain(self.window.iter())
-    }
-}
-
-/// Everything a store knows besides its tokens.
-#[derive(Clone, Debug)]
-pub struct Meta {
-    /// Layers.
-    pub num_layers: usize,
-    /// Sequences.
-    pub batch: usize,
-    /// KV heads.
-    pub heads: usize,
-    /// Head dim.
-    pub d: usize,
-    /// Settings.
-    pub cfg: QuantConfig,
-    /// Resolved group size.
-    pub group: usize,
-    /// Resolved page capacity.
-    pub cap: usize,
-    /// Rotation plan.
-    pub plan: RotationPlan,
-    /// RoPE (required in pre-RoPE mode).
-    pub rope: Option<Rope>,
-    /// Key transform (size `group_heads * d`), when the plan rotates keys.
-    pub had_k: Option<Hadamard>,
-    /// Value transform (size `d`), when values are rotated.
-    pub had_v: Option<Hadamard>,
-    /// Page layouts by class index.
-    pub layouts: Vec<Layout>,
-    /// Most tokens one sequence may hold in one layer; `None`: unbounded.
-    pub max_tokens: Option<usize>,
-}
-
-impl Meta {
-    /// Layout of a class.
-    pub fn layout(&self, bits: u8) -> &Layout {
-        &self.layouts[class_index(bits)]
-    }
-    fn uses_window(&self) -> bool {
-        self.cfg.bits < 16
-            && (self.cfg.residual > 0 || self.cfg.key_layout == KeyLayout::PerChannel)
-    }
-    fn clips(&self, layer: usize) -> (f32, f32) {
-        (
-            self.cfg.key_clip.unwrap_or(self.plan.key_clip[layer]),
-            self.cfg.value_clip.unwrap_or(self.plan.value_clip[layer]),
-        )
     }
 }
 
@@ -214,19 +88,6 @@ pub struct DeviceState {
     pub perm: Vec<DevBuf>,
     /// `inv_freq` on the device (pre-RoPE plans).
     pub inv_freq: Option<DevBuf>,
-}
-
-/// A tensor in device memory as its owner (torch) describes it; strides in elements.
-#[derive(Clone, Copy, Debug)]
-pub struct DevTensor {
-    /// Device address of element `[0, 0, 0, 0]`.
-    pub ptr: u64,
-    /// Sizes.
-    pub shape: [usize; 4],
-    /// Strides in elements.
-    pub strides: [usize; 4],
-    /// Element type.
-    pub dtype: DType,
 }
 
 /// What [`KVStore::append_device`] takes besides the layer. Values are checked for range by
@@ -262,15 +123,6 @@ impl AppendArgs<'_> {
             valid: self.valid,
             bits: self.bits,
         }
-    }
-}
-
-/// The element-type code the kernels use.
-pub fn dtype_code(d: DType) -> i32 {
-    match d {
-        DType::F32 => abi::F32,
-        DType::F16 => abi::F16,
-        DType::BF16 => abi::BF16,
     }
 }
 
@@ -373,130 +225,210 @@ impl KVStore {
         plan: RotationPlan,
         rope: Option<Rope>,
     ) -> Result<Self> {
-        if batch == 0 || batch > 1 << 20 {
-            return Err(Error::value("batch_size", "1 ..= 2^20", batch.to_string()));
-        }
-        if num_layers == 0 || num_layers > 1 << 16 {
-            return Err(Error::value(
-                "num_layers",
-                "1 ..= 65536",
-                num_layers.to_string(),
-            ));
-        }
-        if num_layers.saturating_mul(batch) > 1 << 22 {
-            return Err(Error::value(
-                "batch_size",
-                "num_layers * batch_size <= 2^22",
-                format!("{num_layers} * {batch}"),
-            ));
-        }
-        if heads == 0 || heads > 4096 {
-            return Err(Error::value(
-                "num_kv_heads",
-                "1 ..= 4096",
-                heads.to_string(),
-            ));
-        }
-        if d == 0 || !d.is_multiple_of(8) || d > 4096 {
-            return Err(Error::value(
-                "head_dim",
-                "a multiple of 8 up to 4096",
-                d.to_string(),
-            ));
-        }
-        check_bits("bits", cfg.bits)?;
-        if (plan.num_layers, plan.num_kv_heads, plan.head_dim) != (num_layers, heads, d) {
-            return Err(Error::value(
-                "plan",
-                format!("a plan for {num_layers} layers x {heads} KV heads x {d} channels"),
-                format!(
-                    "{} layers x {} KV heads x {} channels",
-                    plan.num_layers, plan.num_kv_heads, plan.head_dim
-                ),
-            ));
-        }
-        plan.validate()?;
-        let group = cfg.group_size.unwrap_or(d);
-        if group == 0 || !group.is_multiple_of(8) || !d.is_multiple_of(group) {
-            return Err(Error::value(
-                "group_size",
-                format!("a multiple of 8 that divides head_dim = {d}"),
-                group.to_string(),
-            ));
-        }
-        for (name, c) in [("key_clip", cfg.key_clip), ("value_clip", cfg.value_clip)] {
-            if let Some(c) = c {
-                if !(c > 0.0 && c <= 1.0) {
-                    return Err(Error::value(name, "a ratio in (0, 1]", c.to_string()));
-                }
-            }
-        }
-        let cap = cfg.page_tokens.unwrap_or(match cfg.key_layout {
-            KeyLayout::PerToken => 64,
-            KeyLayout::PerChannel => 32,
-        });
-        if cap != 32 && cap != 64 {
-            return Err(Error::value("page_tokens", "32 or 64", cap.to_string()));
-        }
-        if cfg.residual > 1 << 20 {
-            return Err(Error::value(
-                "residual",
-                "at most 2^20",
-                cfg.residual.to_string(),
-            ));
-        }
-        match (&rope, plan.mode) {
-            (None, Mode::PreRope) => {
-                return Err(Error::value(
-                    "rope_inv_freq",
-                    "the model's RoPE inverse frequencies (the plan's mode is 'pre_rope')",
-                    "None",
-                ))
-            }
-            (Some(r), _) if 2 * r.half() > d => {
-                return Err(Error::shape(
-                    "rope_inv_freq",
-                    format!("at most head_dim/2 = {} entries", d / 2),
-                    r.half().to_string(),
-                ))
-            }
-            _ => {}
-        }
-        let had_k = if plan.rotates_keys() {
-            Some(Hadamard::new(plan.group_len())?)
-        } else {
-            None
-        };
-        let had_v = if plan.rotate_values {
-            Some(Hadamard::new(d)?)
-        } else {
-            None
-        };
-        let per_channel = cfg.key_layout == KeyLayout::PerChannel;
-        let layouts = crate::store::CLASS_BITS
-            .iter()
-            .map(|&b| Layout::new(b, per_channel, cap, heads, d, group))
-            .collect();
-        let meta = Meta {
-            num_layers,
-            batch,
-            heads,
-            d,
-            cfg,
-            group,
-            cap,
-            plan,
-            rope,
-            had_k,
-            had_v,
-            layouts,
-            max_tokens: None,
-        };
+        let meta = Meta::new(num_layers, batch, heads, d, cfg, plan, rope)?;
         Ok(KVStore {
             meta,
             layers: vec![vec![Seq::default(); batch]; num_layers],
             dev: None,
         })
+    }
+
+    /// Live pages of a layer's sequences as the kernels read them.
+    pub fn views(&self, layer: usize) -> Vec<Vec<PageView<'_>>> {
+        self.layers[layer]
+            .iter()
+            .map(|s| {
+                s.all_pages()
+                    .filter(|p| p.live() > 0)
+                    .map(|p| p.view(self.meta.layout(p.bits)))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Checks a query shape `[B, Hq, Tq, D]` and the options; gives the masking and the
+    /// query positions `[B*Tq]` (the last `Tq` of each sequence unless given).
+    fn check_queries(
+        &self,
+        layer: usize,
+        shape: [usize; 4],
+        o: &Options,
+    ) -> Result<(Masking, Vec<i32>)> {
+        let m = &self.meta;
+        let [b, hq, tq, d] = shape;
+        if b != m.batch || d != m.d || hq == 0 || hq % m.heads != 0 {
+            return Err(Error::shape(
+                "q",
+                format!(
+                    "[B={}, Hq (a multiple of {}), Tq, D={}]",
+                    m.batch, m.heads, m.d
+                ),
+                format!("[{b}, {hq}, {tq}, {d}]"),
+            ));
+        }
+        if let Some(p) = o.positions {
+            check_positions(p, b, tq, "Tq")?;
+        }
+        let mk = attend::check_options(o, d)?;
+        let seqs = &self.layers[layer];
+        let mut qpos = vec![0i32; b * tq];
+        for bi in 0..b {
+            for t in 0..tq {
+                qpos[bi * tq + t] = match o.positions {
+                    Some(p) if p.len() == tq => p[t] as i32,
+                    Some(p) => p[bi * tq + t] as i32,
+                    None => (seqs[bi].next_pos - tq as i64 + t as i64).max(0) as i32,
+                };
+            }
+        }
+        Ok((mk, qpos))
+    }
+
+    /// Attention of every query of `layer` over the stored tokens; writes `[B, Hq, Tq, D]`
+    /// into `out`.
+    pub fn attend(&self, layer: usize, a: &AttendArgs, out: &mut OutData) -> Result<()> {
+        self.attend_at(simd::level(), layer, a, out, None)
+    }
+
+    /// [`KVStore::attend`] that also writes each row's log-sum-exp of its scaled (and
+    /// capped) scores, `lse: [B, Hq, Tq]` (`-inf` for a row that sees no key, whose output
+    /// is 0), so that attention over disjoint key sets can be merged exactly.
+    pub fn attend_lse(
+        &self,
+        layer: usize,
+        a: &AttendArgs,
+        out: &mut OutData,
+        lse: &mut [f32],
+    ) -> Result<()> {
+        self.attend_at(simd::level(), layer, a, out, Some(lse))
+    }
+
+    /// [`KVStore::attend`] at a given SIMD level (tests compare levels).
+    pub fn attend_at(
+        &self,
+        level: Level,
+        layer: usize,
+        a: &AttendArgs,
+        out: &mut OutData,
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        if self.dev.is_some() {
+            return Err(Error::device(format!(
+                "q: this store lives on {}: pass device tensors",
+                self.device_name()
+            )));
+        }
+        let [b, hq, tq, _] = a.q.shape;
+        let (masking, qpos) = self.check_queries(layer, a.q.shape, &a.options())?;
+        let rows = Queries::uniform(b, hq, tq);
+        let n = b * hq * tq;
+        if out.len() != n * self.meta.d {
+            return Err(Error::shape(
+                "out",
+                format!("{} elements", n * self.meta.d),
+                out.len().to_string(),
+            ));
+        }
+        let q = attend::dense_queries(&rows, self.meta.d, masking.scale, |b, h, t, row| {
+            a.q.read_row(b, h, t, row)
+        })?;
+        let job = Job {
+            meta: &self.meta,
+            layer,
+            pages: self.views(layer),
+            rows,
+            qpos,
+            causal: a.causal,
+            softcap: a.softcap,
+            masking,
+        };
+        attend::run(level, &job, q, out, lse)
+    }
+
+    /// Attention of a device store: `q` and `out` (`[B, Hq, Tq, D]`, same dtype) are device
+    /// tensors; the fused kernel reads the packed pages in place (split-K over pages, then
+    /// one combine launch), on the backend's current stream. `lse`, when given, is a
+    /// contiguous float32 device tensor `[B, Hq, Tq]` that receives each row's log-sum-exp
+    /// (as in [`KVStore::attend_lse`]).
+    pub fn attend_device(
+        &self,
+        layer: usize,
+        q: &DevTensor,
+        out: &DevTensor,
+        lse: Option<&DevTensor>,
+        o: &Options,
+    ) -> Result<()> {
+        let Some(dev) = &self.dev else {
+            return Err(Error::device(
+                "q: this store lives on the CPU: pass CPU tensors",
+            ));
+        };
+        if out.shape != q.shape || out.dtype != q.dtype {
+            return Err(Error::shape(
+                "out",
+                format!("{:?} of {}", q.shape, q.dtype.name()),
+                format!("{:?} of {}", out.shape, out.dtype.name()),
+            ));
+        }
+        if let Some(l) = lse {
+            let [b, hq, tq, _] = q.shape;
+            let want = [tq * hq, tq, 1];
+            if l.dtype != DType::F32
+                || l.shape[..3] != [b, hq, tq]
+                || l.shape[3] != 1
+                || (b * hq * tq > 1 && l.strides[..3] != want)
+            {
+                return Err(Error::shape(
+                    "lse",
+                    format!("a contiguous float32 [{b}, {hq}, {tq}]"),
+                    format!("{:?} of {}", &l.shape[..3], l.dtype.name()),
+                ));
+            }
+        }
+        let (mk, mut qpos) = self.check_queries(layer, q.shape, o)?;
+        if q.shape[2] == 0 {
+            return Ok(());
+        }
+        qpos.iter_mut().for_each(|p| *p -= mk.lag as i32);
+        let mut pages = Vec::new();
+        let mut off = vec![0i32];
+        let mut most = 0;
+        for s in &self.layers[layer] {
+            let n0 = pages.len();
+            for p in s.all_pages().filter(|p| p.live() > 0) {
+                pages.push(abi::RkvPage {
+                    data: p.dev_ptr(),
+                    cls: class_index(p.bits) as i32,
+                    start: p.start as i32,
+                    len: p.len as i32,
+                    pad: 0,
+                });
+            }
+            most = most.max(pages.len() - n0);
+            off.push(pages.len() as i32);
+        }
+        let list = PageList {
+            pages: &pages,
+            off: &off,
+            most,
+        };
+        let io = AttendIo {
+            q,
+            out,
+            lse,
+            perm: dev.perm[layer].ptr,
+            inv_freq: dev.inv_freq.as_ref().map_or(0, |x| x.ptr),
+        };
+        crate::cuda::launch::attend(
+            &dev.backend,
+            &self.meta,
+            &list,
+            &qpos,
+            &io,
+            o.causal,
+            o.softcap,
+            &mk,
+        )
     }
 
     /// Sets the most tokens one sequence may hold in one layer (`None`: unbounded); appends
@@ -630,7 +562,7 @@ impl KVStore {
         // fp16's range cannot be represented by fp16 scales and zeros (nor by fp16 tokens).
         // Only tokens kept in bfloat16 (16-bit class with fp_format bfloat16) escape the bound.
         let mut row = vec![0f32; m.d];
-        let bf16 = m.cfg.fp_format == crate::page::FpFormat::BF16;
+        let bf16 = m.cfg.fp_format == FpFormat::BF16;
         for (name, v) in [("k", &a.k), ("v", &a.v)] {
             for bi in 0..b {
                 for h in 0..m.heads {
@@ -829,20 +761,20 @@ impl KVStore {
         let mut perm = Vec::new();
         for p in &m.plan.key_perm {
             let bytes: Vec<u8> = p.iter().flat_map(|x| x.to_le_bytes()).collect();
-            let buf = DevBuf::new(backend, bytes.len().max(4))?;
+            let buf = DevBuf::new(backend.clone(), bytes.len().max(4))?;
             backend.h2d(buf.ptr, &bytes)?;
             perm.push(buf);
         }
         let inv_freq = match &m.rope {
             Some(r) => {
                 let bytes: Vec<u8> = r.inv_freq.iter().flat_map(|x| x.to_le_bytes()).collect();
-                let buf = DevBuf::new(backend, bytes.len())?;
+                let buf = DevBuf::new(backend.clone(), bytes.len())?;
                 backend.h2d(buf.ptr, &bytes)?;
                 Some(buf)
             }
             None => None,
         };
-        let layers = self.map_pages(|p| p.to_device(m.layout(p.bits), backend))?;
+        let layers = self.map_pages(|p| p.to_device(m.layout(p.bits), backend.clone()))?;
         Ok(KVStore {
             meta: m.clone(),
             layers,
@@ -1013,7 +945,7 @@ fn read_slot_ref(
         let off = base + lay.v_codes + u * lay.v_row;
         unpack_row(
             &page.bytes()[off..off + lay.v_row],
-            page.bits,
+            lay.vbits,
             &mut codes[..d],
         );
         for c in 0..d {
@@ -1047,47 +979,10 @@ fn read_slot_ref(
     (k, v)
 }
 
-/// Keys `[n][Hkv*D]` to the stored basis, channel-major `[Hkv*D][n]`.
-fn keys_to_stored(m: &Meta, layer: usize, k: &[f32], n: usize) -> Vec<f32> {
-    let hd = m.heads * m.d;
-    let gl = m.plan.group_len();
-    let perm = &m.plan.key_perm[layer];
-    let mut out = vec![0f32; hd * n];
-    let mut blk = vec![0f32; gl * n];
-    for g in 0..m.heads / m.plan.group_heads {
-        for c in 0..gl {
-            for t in 0..n {
-                blk[c * n + t] = k[t * hd + g * gl + c];
-            }
-        }
-        if let Some(h) = &m.had_k {
-            h.forward_cols(&mut blk, n);
-        }
-        for j in 0..gl {
-            let src = perm[g * gl + j] as usize;
-            out[(g * gl + j) * n..(g * gl + j + 1) * n]
-                .copy_from_slice(&blk[src * n..(src + 1) * n]);
-        }
-    }
-    out
-}
-
-/// Keys `[n][Hkv*D]` channel-major, unrotated.
-fn keys_raw_cm(m: &Meta, k: &[f32], n: usize) -> Vec<f32> {
-    let hd = m.heads * m.d;
-    let mut out = vec![0f32; hd * n];
-    for t in 0..n {
-        for c in 0..hd {
-            out[c * n + t] = k[t * hd + c];
-        }
-    }
-    out
-}
-
 /// A new empty page of `lay`, on the device when `ops` has one.
 fn new_page(lay: &Layout, ops: &DevOps) -> Result<Page> {
     match &ops.backend {
-        Some(b) => Page::new_device(lay, b),
+        Some(b) => Page::new_device(lay, b.clone()),
         None => Ok(Page::new(lay)),
     }
 }
@@ -1179,9 +1074,9 @@ fn put(
         let k = &st.k[r.start * hd..r.end * hd];
         let mut v = st.v[r.start * hd..r.end * hd].to_vec();
         let keys = if bits == 16 {
-            keys_raw_cm(m, k, take)
+            m.keys_raw_cm(k, take)
         } else {
-            keys_to_stored(m, layer, k, take)
+            m.keys_to_stored(layer, k, take)
         };
         if bits < 16 {
             if let Some(h) = &m.had_v {
@@ -1191,14 +1086,18 @@ fn put(
         let chunk = Chunk {
             keys: &keys,
             values: &v,
-            pos: &st.pos[r.clone()],
-            tags: &st.tag[r],
+            n: take,
         };
+        let u0 = page.len;
         match (bits, per_channel) {
-            (16, _) => write_fp(page, &lay, &chunk, m.cfg.fp_format),
-            (_, true) => write_quant_per_channel(page, &lay, &chunk, kclip, vclip),
-            _ => write_quant_per_token(page, &lay, &chunk, kclip, vclip),
+            (16, _) => write_fp(page.bytes_mut(), &lay, u0, &chunk, m.cfg.fp_format),
+            (_, true) => {
+                write_quant_per_channel(page.bytes_mut(), &lay, &chunk, kclip, vclip);
+                page.closed = true;
+            }
+            _ => write_quant_per_token(page.bytes_mut(), &lay, u0, &chunk, kclip, vclip),
         }
+        page.write_meta(&st.pos[r.clone()], &st.tag[r]);
         done += take;
     }
     Ok(())
@@ -1222,14 +1121,15 @@ fn put_window(m: &Meta, seq: &mut Seq, st: &Staged, ops: &mut DevOps) -> Result<
             done += take;
             continue;
         }
-        let keys = keys_raw_cm(m, &st.k[r.start * hd..r.end * hd], take);
+        let keys = m.keys_raw_cm(&st.k[r.start * hd..r.end * hd], take);
         let chunk = Chunk {
             keys: &keys,
             values: &st.v[r.start * hd..r.end * hd],
-            pos: &st.pos[r.clone()],
-            tags: &st.tag[r],
+            n: take,
         };
-        write_fp(page, &lay, &chunk, m.cfg.fp_format);
+        let u0 = page.len;
+        write_fp(page.bytes_mut(), &lay, u0, &chunk, m.cfg.fp_format);
+        page.write_meta(&st.pos[r.clone()], &st.tag[r]);
         done += take;
     }
     Ok(())

@@ -4,12 +4,13 @@
 
 use std::collections::HashMap;
 
-use rotatekv::attend::attend_lse;
 use rotatekv::cuda::abi::*;
 use rotatekv::cuda::emu;
+use rotatekv::device::DevTensor;
+use rotatekv::format::{class_index, Layout};
 use rotatekv::page::Page;
 use rotatekv::simd::{f16_to_f32, f32_to_bf16, f32_to_f16};
-use rotatekv::store::{class_index, DevAppendArgs, DevTensor, TokenArgs};
+use rotatekv::store::{DevAppendArgs, TokenArgs};
 use rotatekv::*;
 
 mod common;
@@ -454,7 +455,7 @@ fn check_append(c: &Case, seed: u64) {
 }
 
 /// The bytes of slot `u` of a 16-bit page: position, tag, and every head's key and value.
-fn slot16(bytes: &[u8], lay: &rotatekv::page::Layout, u: usize) -> Vec<u8> {
+fn slot16(bytes: &[u8], lay: &Layout, u: usize) -> Vec<u8> {
     let mut out = bytes[4 * u..4 * u + 4].to_vec();
     out.push(bytes[lay.tag_off + u]);
     for h in 0..lay.heads {
@@ -638,21 +639,21 @@ fn check_attend(c: &Case, seed: u64) {
     for layer in 0..2 {
         let mut want = vec![0f32; q.len()];
         let qv = View4::contiguous("q", Data::F32(&q), [c.batch, hq, c.tq, c.d]).unwrap();
-        attend(
-            &store,
-            layer,
-            &AttendArgs {
-                q: qv,
-                positions: Some(&qpos64),
-                causal: true,
-                scale: Some(scale),
-                window: c.window,
-                softcap: c.softcap,
-                lag: 0,
-            },
-            &mut OutData::F32(&mut want),
-        )
-        .unwrap();
+        store
+            .attend(
+                layer,
+                &AttendArgs {
+                    q: qv,
+                    positions: Some(&qpos64),
+                    causal: true,
+                    scale: Some(scale),
+                    window: c.window,
+                    softcap: c.softcap,
+                    lag: 0,
+                },
+                &mut OutData::F32(&mut want),
+            )
+            .unwrap();
         for splits in [1usize, 3] {
             let got = emulate_attend(
                 &store, layer, &q, hq, c.tq, &qpos, scale, c.window, c.softcap, splits,
@@ -810,18 +811,11 @@ fn check_device_store(c: &Case, seed: u64) {
                 softcap: c.softcap,
                 lag,
             };
-            attend_lse(
-                &cpu,
-                layer,
-                &args,
-                &mut OutData::F32(&mut want),
-                &mut want_lse,
-            )
-            .unwrap();
+            cpu.attend_lse(layer, &args, &mut OutData::F32(&mut want), &mut want_lse)
+                .unwrap();
             let got = vec![0f32; q.len()];
             let got_lse = vec![0f32; want_lse.len()];
-            rotatekv::attend::attend_device(
-                &dev,
+            dev.attend_device(
                 layer,
                 &dev_tensor(&q, shape),
                 &dev_tensor(&got, shape),
@@ -935,7 +929,7 @@ fn host_calls_on_a_device_store_are_refused() {
         lag: 0,
     };
     assert!(matches!(
-        attend(&d, 0, &args, &mut OutData::F32(&mut out)),
+        d.attend(0, &args, &mut OutData::F32(&mut out)),
         Err(Error::Device { .. })
     ));
     let mut h = s.clone();

@@ -1,6 +1,5 @@
 //! The store and the fused attention against plain references, on fresh random inputs.
 
-use rotatekv::attend::{attend_at, attend_lse};
 use rotatekv::quant::quantize_group_ref;
 use rotatekv::simd::{available_levels, f16_to_f32};
 use rotatekv::*;
@@ -193,7 +192,9 @@ fn check(case: &Case, seed: u64) {
                 softcap: case.softcap,
                 lag: case.lag,
             };
-            attend_at(level, &store, layer, &args, &mut OutData::F32(&mut got)).unwrap();
+            store
+                .attend_at(level, layer, &args, &mut OutData::F32(&mut got), None)
+                .unwrap();
             let worst = got
                 .iter()
                 .zip(&want)
@@ -205,7 +206,9 @@ fn check(case: &Case, seed: u64) {
             );
             if level == simd::level() {
                 let mut lse = vec![0f32; want_lse.len()];
-                attend_lse(&store, layer, &args, &mut OutData::F32(&mut got), &mut lse).unwrap();
+                store
+                    .attend_lse(layer, &args, &mut OutData::F32(&mut got), &mut lse)
+                    .unwrap();
                 for (i, (g, w)) in lse.iter().zip(&want_lse).enumerate() {
                     let ok = if *w == f32::NEG_INFINITY {
                         *g == f32::NEG_INFINITY

@@ -2,9 +2,10 @@
 //! 8-byte fields first so neither side pads differently), and the launch shapes the host
 //! computes for them. Both the GPU launcher and the host emulation use these.
 
-use crate::page::{FpFormat, Layout};
+use crate::config::{KeyLayout, Meta};
+use crate::format::{FpFormat, Layout, NUM_CLASSES};
 use crate::rotation::Mode;
-use crate::store::{KeyLayout, Meta};
+use crate::tensor::DType;
 
 /// Threads per block of every kernel (`RKV_THREADS`).
 pub const THREADS: u32 = 128;
@@ -46,6 +47,8 @@ pub struct RkvLayout {
 
 impl From<&Layout> for RkvLayout {
     fn from(l: &Layout) -> Self {
+        // The CUDA kernels read one width for keys and values (store pages).
+        debug_assert_eq!(l.bits, l.vbits);
         let i = |x: usize| x as i32;
         RkvLayout {
             bits: l.bits as i32,
@@ -130,7 +133,7 @@ pub struct RkvAppendParams {
     pub pad: i32,
     pub key_clip: f32,
     pub value_clip: f32,
-    pub lay: [RkvLayout; 5],
+    pub lay: [RkvLayout; NUM_CLASSES],
 }
 
 /// `rkv_channel_keys` parameters.
@@ -146,7 +149,7 @@ pub struct RkvChannelParams {
     pub pad: i32,
     pub key_clip: f32,
     pub pad1: f32,
-    pub lay: [RkvLayout; 5],
+    pub lay: [RkvLayout; NUM_CLASSES],
 }
 
 /// `rkv_attend` parameters.
@@ -184,7 +187,7 @@ pub struct RkvAttendParams {
     pub softcap: f32,
     pub rope_scaling: f32,
     pub pad1: f32,
-    pub lay: [RkvLayout; 5],
+    pub lay: [RkvLayout; NUM_CLASSES],
 }
 
 /// `rkv_combine` parameters.
@@ -249,8 +252,17 @@ pub struct RkvMassParams {
 /// Query rows `rkv_mass_keys` stages through shared memory at a time (`RKV_MASS_TILE`).
 pub const MASS_TILE: usize = 8;
 
-/// The five class layouts of a store, by class index.
-pub fn layouts(meta: &Meta) -> [RkvLayout; 5] {
+/// The element-type code the kernels use.
+pub fn dtype_code(d: DType) -> i32 {
+    match d {
+        DType::F32 => F32,
+        DType::F16 => F16,
+        DType::BF16 => BF16,
+    }
+}
+
+/// The class layouts of a store, by class index.
+pub fn layouts(meta: &Meta) -> [RkvLayout; NUM_CLASSES] {
     std::array::from_fn(|i| RkvLayout::from(&meta.layouts[i]))
 }
 
@@ -331,23 +343,20 @@ pub fn attend_splits(blocks_without_split: usize, max_pages: usize, target_block
     want.clamp(1, max_pages.div_ceil(4).max(1))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn struct_sizes_match_the_header() {
-        // Sizes the header's structs have (checked again against the compiled C++ by the
-        // emulation tests).
-        assert_eq!(std::mem::size_of::<RkvLayout>(), 72);
-        assert_eq!(std::mem::size_of::<RkvPage>(), 24);
-        assert_eq!(std::mem::size_of::<RkvSrc>(), 56);
-        assert_eq!(std::mem::size_of::<RkvDst>(), 32);
-        assert_eq!(std::mem::size_of::<RkvAppendParams>(), 72 + 5 * 72);
-        assert_eq!(std::mem::size_of::<RkvChannelParams>(), 40 + 5 * 72);
-        assert_eq!(std::mem::size_of::<RkvAttendParams>(), 176 + 5 * 72);
-        assert_eq!(std::mem::size_of::<RkvCombineParams>(), 88);
-        assert_eq!(std::mem::size_of::<RkvFwhtParams>(), 40);
-        assert_eq!(std::mem::size_of::<RkvMassParams>(), 112);
-    }
-}
+// The sizes the header's structs have, asserted when the crate compiles (the emulation
+// tests check them again against the compiled C++ of `cuda/rotatekv.cuh`). A class added to
+// the format table grows the three structs that carry one layout per class.
+const _: () = {
+    use std::mem::size_of;
+    const L: usize = NUM_CLASSES * 72;
+    assert!(size_of::<RkvLayout>() == 72);
+    assert!(size_of::<RkvPage>() == 24);
+    assert!(size_of::<RkvSrc>() == 56);
+    assert!(size_of::<RkvDst>() == 32);
+    assert!(size_of::<RkvAppendParams>() == 72 + L);
+    assert!(size_of::<RkvChannelParams>() == 40 + L);
+    assert!(size_of::<RkvAttendParams>() == 176 + L);
+    assert!(size_of::<RkvCombineParams>() == 88);
+    assert!(size_of::<RkvFwhtParams>() == 40);
+    assert!(size_of::<RkvMassParams>() == 112);
+};

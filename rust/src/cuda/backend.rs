@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::abi::*;
+use crate::device::{DeviceMemory, Pool};
 use crate::error::{Error, Result};
 
 /// One kernel launch: parameters, grid and dynamic shared memory bytes.
@@ -32,123 +33,10 @@ pub enum Launch<'a> {
     Mass(&'a RkvMassParams, bool, [u32; 3], usize),
 }
 
-/// Device memory and kernel launches.
-pub trait Backend: Send + Sync + fmt::Debug {
-    /// `"cuda:N"` or `"emu"`.
-    fn name(&self) -> String;
-    /// Zeroed memory for a page (pooled; returned with [`Backend::free`]).
-    fn alloc(&self, bytes: usize) -> Result<u64>;
-    /// Returns a page's memory to the pool (stream-ordered reuse).
-    fn free(&self, ptr: u64, bytes: usize);
-    /// Scratch memory for one operation, freed in stream order with [`Backend::free_temp`].
-    fn temp(&self, bytes: usize) -> Result<u64>;
-    /// Frees scratch memory after the work queued so far.
-    fn free_temp(&self, ptr: u64);
-    /// Host to device (the host buffer may be reused when this returns).
-    fn h2d(&self, dst: u64, src: &[u8]) -> Result<()>;
-    /// Device to host; waits for the stream.
-    fn d2h(&self, dst: &mut [u8], src: u64) -> Result<()>;
-    /// Device to device.
-    fn d2d(&self, dst: u64, src: u64, bytes: usize) -> Result<()>;
+/// A device that runs the kernels: its memory plus launches.
+pub trait Backend: DeviceMemory {
     /// Queues a kernel.
     fn launch(&self, l: Launch<'_>) -> Result<()>;
-    /// The stream later calls run on (a `CUstream` handle; 0: the legacy default stream).
-    fn set_stream(&self, stream: u64);
-    /// Multiprocessors (sizes the split-K of attention).
-    fn sm_count(&self) -> usize;
-    /// Waits for the work queued on the current stream.
-    fn sync(&self) -> Result<()>;
-    /// DLPack device of this memory: (device type, id).
-    fn dlpack_device(&self) -> (i32, i32);
-}
-
-/// A device allocation owned by a page; freed (back to the pool) on drop, deep-copied on
-/// clone (copy on write of pages shared by beam search).
-pub struct DevBuf {
-    /// Device address.
-    pub ptr: u64,
-    /// Size.
-    pub bytes: usize,
-    /// The backend it came from.
-    pub backend: Arc<dyn Backend>,
-}
-
-impl DevBuf {
-    /// A zeroed buffer.
-    pub fn new(backend: &Arc<dyn Backend>, bytes: usize) -> Result<Self> {
-        Ok(DevBuf {
-            ptr: backend.alloc(bytes)?,
-            bytes,
-            backend: backend.clone(),
-        })
-    }
-
-    /// A device copy.
-    pub fn try_clone(&self) -> Result<Self> {
-        let b = DevBuf::new(&self.backend, self.bytes)?;
-        self.backend.d2d(b.ptr, self.ptr, self.bytes)?;
-        Ok(b)
-    }
-}
-
-impl Clone for DevBuf {
-    fn clone(&self) -> Self {
-        // Reached through `Arc::make_mut` when a page shared by `reorder` is written. The
-        // Python layer turns a panic here (device out of memory) into a DeviceError.
-        match self.try_clone() {
-            Ok(b) => b,
-            Err(e) => panic!("copying a shared device page failed: {e}"),
-        }
-    }
-}
-
-impl Drop for DevBuf {
-    fn drop(&mut self) {
-        self.backend.free(self.ptr, self.bytes);
-    }
-}
-
-impl fmt::Debug for DevBuf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DevBuf({:#x}, {} bytes)", self.ptr, self.bytes)
-    }
-}
-
-impl PartialEq for DevBuf {
-    fn eq(&self, other: &Self) -> bool {
-        self.ptr == other.ptr
-    }
-}
-
-/// Free lists of page-sized blocks carved from large slabs: a page costs no driver call.
-#[derive(Default)]
-pub struct Pool {
-    free: HashMap<usize, Vec<u64>>,
-    slabs: Vec<(u64, usize)>,
-}
-
-impl Pool {
-    /// Takes a block of `bytes`, carving a new slab with `slab(size)` when none is free.
-    pub fn take(&mut self, bytes: usize, slab: impl FnOnce(usize) -> Result<u64>) -> Result<u64> {
-        if let Some(p) = self.free.get_mut(&bytes).and_then(|v| v.pop()) {
-            return Ok(p);
-        }
-        // 64 pages or 2 MiB, whichever is larger.
-        let n = (2usize << 20).div_ceil(bytes).max(64);
-        let base = slab(n * bytes)?;
-        self.slabs.push((base, n * bytes));
-        let list = self.free.entry(bytes).or_default();
-        list.extend((1..n).rev().map(|i| base + (i * bytes) as u64));
-        Ok(base)
-    }
-    /// Returns a block.
-    pub fn give(&mut self, ptr: u64, bytes: usize) {
-        self.free.entry(bytes).or_default().push(ptr);
-    }
-    /// Bytes held in slabs.
-    pub fn reserved(&self) -> usize {
-        self.slabs.iter().map(|s| s.1).sum()
-    }
 }
 
 /// The host emulation: "device" memory is host memory, launches run `cuda/emu`.
@@ -186,7 +74,7 @@ impl EmuBackend {
 }
 
 #[cfg(feature = "cuda-emu")]
-impl Backend for EmuBackend {
+impl DeviceMemory for EmuBackend {
     fn name(&self) -> String {
         "emu".into()
     }
@@ -228,6 +116,22 @@ impl Backend for EmuBackend {
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, bytes) };
         Ok(())
     }
+    fn set_stream(&self, stream: u64) {
+        self.stream.store(stream, Ordering::Relaxed);
+    }
+    fn sm_count(&self) -> usize {
+        4
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+    fn dlpack_device(&self) -> (i32, i32) {
+        (1, 0)
+    }
+}
+
+#[cfg(feature = "cuda-emu")]
+impl Backend for EmuBackend {
     fn launch(&self, l: Launch<'_>) -> Result<()> {
         use super::emu;
         // SAFETY: every address in the parameters is emulated device memory or caller host
@@ -243,18 +147,6 @@ impl Backend for EmuBackend {
             }
         }
         Ok(())
-    }
-    fn set_stream(&self, stream: u64) {
-        self.stream.store(stream, Ordering::Relaxed);
-    }
-    fn sm_count(&self) -> usize {
-        4
-    }
-    fn sync(&self) -> Result<()> {
-        Ok(())
-    }
-    fn dlpack_device(&self) -> (i32, i32) {
-        (1, 0)
     }
 }
 
@@ -433,7 +325,7 @@ impl CudaBackend {
     }
 }
 
-impl Backend for CudaBackend {
+impl DeviceMemory for CudaBackend {
     fn name(&self) -> String {
         format!("cuda:{}", self.ordinal)
     }
@@ -501,6 +393,25 @@ impl Backend for CudaBackend {
             cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, s)
         })
     }
+    fn set_stream(&self, stream: u64) {
+        self.stream.store(stream, Ordering::Relaxed);
+    }
+    fn sm_count(&self) -> usize {
+        self.sms
+    }
+    fn sync(&self) -> Result<()> {
+        let s = self.current()?;
+        // SAFETY: the current stream handle.
+        drv("cuStreamSynchronize", unsafe {
+            cudarc::driver::result::stream::synchronize(s)
+        })
+    }
+    fn dlpack_device(&self) -> (i32, i32) {
+        (2, self.ordinal)
+    }
+}
+
+impl Backend for CudaBackend {
     fn launch(&self, l: Launch<'_>) -> Result<()> {
         fn arg<T>(x: &T) -> *mut std::ffi::c_void {
             x as *const T as *mut std::ffi::c_void
@@ -532,21 +443,5 @@ impl Backend for CudaBackend {
                 self.raw_launch(name, g, m, &mut [arg(p)])
             }
         }
-    }
-    fn set_stream(&self, stream: u64) {
-        self.stream.store(stream, Ordering::Relaxed);
-    }
-    fn sm_count(&self) -> usize {
-        self.sms
-    }
-    fn sync(&self) -> Result<()> {
-        let s = self.current()?;
-        // SAFETY: the current stream handle.
-        drv("cuStreamSynchronize", unsafe {
-            cudarc::driver::result::stream::synchronize(s)
-        })
-    }
-    fn dlpack_device(&self) -> (i32, i32) {
-        (2, self.ordinal)
     }
 }

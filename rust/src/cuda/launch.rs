@@ -1,13 +1,133 @@
-//! Launches of the standalone kernels (the store's own launches live with the store and the
-//! attention code).
+//! Launches of the kernels from described memory: attention over a list of page
+//! descriptors (`RkvPage`), the Hadamard transform and the attention mass. Nothing here
+//! knows who owns the pages (the store builds its list; see `crate::store`).
 
 use std::sync::Arc;
 
-use super::abi::{RkvFwhtParams, RkvMassParams, MASS_TILE, SMEM_DEFAULT, THREADS};
+use super::abi::{
+    self, dtype_code, RkvFwhtParams, RkvMassParams, RkvPage, MASS_TILE, SMEM_DEFAULT, THREADS,
+};
 use super::backend::{Backend, Launch};
+use crate::attend::Masking;
+use crate::config::Meta;
+use crate::device::DevTensor;
 use crate::error::{Error, Result};
 use crate::saliency::{check_dims, MassDims};
-use crate::store::{dtype_code, DevTensor};
+
+/// Pages of an attention launch: `pages[off[b]..off[b+1]]` are request `b`'s, `most` the
+/// largest count of one request.
+pub struct PageList<'a> {
+    /// Descriptors.
+    pub pages: &'a [RkvPage],
+    /// Offsets, `[B + 1]`.
+    pub off: &'a [i32],
+    /// Most pages of one request.
+    pub most: usize,
+}
+
+/// What a device attention launch writes besides the queries' shape.
+pub struct AttendIo<'a> {
+    /// Queries `[B, Hq, Tq, D]`.
+    pub q: &'a DevTensor,
+    /// Output, like `q`.
+    pub out: &'a DevTensor,
+    /// Log-sum-exps, contiguous float32 `[B, Hq, Tq]`.
+    pub lse: Option<&'a DevTensor>,
+    /// Device permutation of the layer.
+    pub perm: u64,
+    /// Device RoPE inverse frequencies (0 without RoPE).
+    pub inv_freq: u64,
+}
+
+/// Fused attention over the pages (split-K over pages, then one combine launch), on the
+/// backend's current stream. `qpos` are the query positions, lag-shifted, `[B*Tq]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    bk: &Arc<dyn Backend>,
+    m: &Meta,
+    list: &PageList,
+    qpos: &[i32],
+    io: &AttendIo,
+    causal: bool,
+    softcap: Option<f32>,
+    mk: &Masking,
+) -> Result<()> {
+    let (q, out) = (io.q, io.out);
+    let [b, hq, tq, d] = q.shape;
+    let (rows, tile, smem) = abi::attend_tiles(m, hq, tq);
+    let base = abi::attend_grid(m, hq, tq, rows, 1);
+    let splits = abi::attend_splits((base[1] * base[2]) as usize, list.most, 2 * bk.sm_count());
+    let mut temps = Vec::new();
+    let res = (|| -> Result<()> {
+        let up = |temps: &mut Vec<u64>, bytes: &[u8]| -> Result<u64> {
+            let p = bk.temp(bytes.len().max(4))?;
+            temps.push(p);
+            bk.h2d(p, bytes)?;
+            Ok(p)
+        };
+        let pages_d = up(&mut temps, bytemuck::cast_slice(list.pages))?;
+        let off_d = up(&mut temps, bytemuck::cast_slice(list.off))?;
+        let qpos_d = up(&mut temps, bytemuck::cast_slice(qpos))?;
+        let work = bk.temp(b * splits * hq * tq * (d + 2) * 4)?;
+        temps.push(work);
+        let rope = m.rope.as_ref();
+        let strides = |t: &DevTensor| t.strides.map(|x| x as i64);
+        let p = abi::RkvAttendParams {
+            q: q.ptr,
+            pages: pages_d,
+            page_off: off_d,
+            qpos: qpos_d,
+            perm: io.perm,
+            inv_freq: io.inv_freq,
+            work,
+            q_s: strides(q),
+            batch: b as i32,
+            hq: hq as i32,
+            tq: tq as i32,
+            d: d as i32,
+            heads: m.heads as i32,
+            group_heads: m.plan.group_heads as i32,
+            q_dtype: dtype_code(q.dtype),
+            fp_format: abi::fp_code(m.cfg.fp_format),
+            mode: abi::mode_code(m.plan.mode),
+            rotate_keys: m.plan.rotates_keys() as i32,
+            rotate_values: m.plan.rotate_values as i32,
+            rot_half: rope.map_or(0, |r| r.half() as i32),
+            causal: causal as i32,
+            window: mk.window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
+            splits: splits as i32,
+            rows_per_block: rows as i32,
+            tile_tokens: tile as i32,
+            pad0: 0,
+            scale: mk.scale,
+            softcap: softcap.unwrap_or(0.0),
+            rope_scaling: rope.map_or(1.0, |r| r.scaling),
+            pad1: 0.0,
+            lay: abi::layouts(m),
+        };
+        let grid = abi::attend_grid(m, hq, tq, rows, splits);
+        bk.launch(Launch::Attend(&p, grid, smem))?;
+        let c = abi::RkvCombineParams {
+            work,
+            out: out.ptr,
+            lse: io.lse.map_or(0, |l| l.ptr),
+            o_s: strides(out),
+            batch: b as i32,
+            hq: hq as i32,
+            tq: tq as i32,
+            d: d as i32,
+            splits: splits as i32,
+            o_dtype: dtype_code(out.dtype),
+            rotate_values: m.plan.rotate_values as i32,
+            pad: 0,
+        };
+        bk.launch(Launch::Combine(&c))
+    })();
+    for t in temps {
+        bk.free_temp(t);
+    }
+    res
+}
 
 /// `y[r] = H x[r]` (or `Hᵀ`) for `rows` contiguous rows of `n` elements.
 pub fn fwht(

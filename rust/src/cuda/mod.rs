@@ -23,8 +23,13 @@ pub const KERNEL_FILES: [(&str, &str); 4] = [
     ("saliency.cu", include_str!("../../../cuda/saliency.cu")),
 ];
 
+/// The defines the header takes from the format table.
+pub fn class_defines() -> String {
+    format!("#define RKV_NUM_CLASSES {}\n", crate::format::NUM_CLASSES)
+}
+
 /// A kernel file with the header pasted in place of its include line (NVRTC then needs no
-/// include path).
+/// include path), after the format table's defines.
 pub fn full_source(src: &str) -> String {
-    src.replace("#include \"rotatekv.cuh\"", HEADER)
+    class_defines() + &src.replace("#include \"rotatekv.cuh\"", HEADER)
 }

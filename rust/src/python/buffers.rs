@@ -277,3 +277,143 @@ impl Borrow<'_> {
         }
     }
 }
+
+/// A borrowed, writable byte pool: a C-contiguous `uint8` CPU tensor or array of two
+/// dimensions.
+pub struct BytePool<'py> {
+    ptr: usize,
+    /// `[rows, row_bytes]`.
+    pub shape: [usize; 2],
+    _keep: Vec<Bound<'py, PyAny>>,
+}
+
+/// Borrows a caller-owned pool (named `arg` in errors) in place; `writable`: the call writes
+/// into it.
+pub fn borrow_pool<'py>(
+    obj: &Bound<'py, PyAny>,
+    arg: &str,
+    writable: bool,
+) -> PyResult<BytePool<'py>> {
+    let py = obj.py();
+    let expected = "a C-contiguous torch.uint8 tensor or numpy uint8 array [num_blocks, block_bytes] on the CPU";
+    if let Ok(arr) = obj.cast::<PyUntypedArray>() {
+        let name: String = obj.getattr("dtype")?.getattr("name")?.extract()?;
+        let c: bool = obj.getattr("flags")?.getattr("c_contiguous")?.extract()?;
+        let w: bool = obj.getattr("flags")?.getattr("writeable")?.extract()?;
+        if name != "uint8" {
+            return Err(dtype_err(
+                py,
+                format!("{arg}: expected {expected}, got a {name} array"),
+            ));
+        }
+        if !c || arr.shape().len() != 2 {
+            return Err(shape_err(
+                py,
+                format!(
+                    "{arg}: expected {expected}, got shape {:?}{}",
+                    arr.shape(),
+                    if c { "" } else { ", not C-contiguous" },
+                ),
+            ));
+        }
+        if writable && !w {
+            return Err(arg_err(
+                py,
+                format!("{arg}: expected a writable array, got a read-only one"),
+            ));
+        }
+        // SAFETY: `arr` is a live ndarray; reading its data pointer field is what the numpy
+        // C API's PyArray_DATA does.
+        let ptr = unsafe { (*arr.as_array_ptr()).data } as usize;
+        let s = arr.shape();
+        return Ok(BytePool {
+            ptr,
+            shape: [s[0], s[1]],
+            _keep: vec![obj.clone()],
+        });
+    }
+    if !is_torch(obj) || !obj.hasattr("__dlpack__")? {
+        return Err(dtype_err(
+            py,
+            format!("{arg}: expected {expected}, got {}", type_name(obj)),
+        ));
+    }
+    let dev: String = obj.getattr("device")?.getattr("type")?.extract()?;
+    if dev != "cpu" {
+        return Err(device_err(
+            py,
+            format!("{arg}: expected a CPU tensor (the CPU kernels), got a tensor on {dev}"),
+        ));
+    }
+    let src = obj.call_method0("detach")?;
+    let cap = src.call_method0("__dlpack__")?;
+    let d = describe(&cap).ok_or_else(|| {
+        dtype_err(
+            py,
+            format!("{arg}: its __dlpack__ did not give a dltensor capsule"),
+        )
+    })?;
+    if (d.dtype.code, d.dtype.bits, d.dtype.lanes) != (1, 8, 1) {
+        return Err(dtype_err(
+            py,
+            format!(
+                "{arg}: expected {expected}, got dtype {}",
+                obj.getattr("dtype")?
+            ),
+        ));
+    }
+    let contiguous = d.shape.len() == 2 && (d.shape[0] <= 1 || d.strides[0] == d.shape[1]);
+    if !(contiguous && (d.shape[1] <= 1 || d.strides[1] == 1)) {
+        return Err(shape_err(
+            py,
+            format!(
+                "{arg}: expected {expected}, got shape {:?} with strides {:?}",
+                d.shape, d.strides
+            ),
+        ));
+    }
+    Ok(BytePool {
+        ptr: d.ptr,
+        shape: [d.shape[0].max(0) as usize, d.shape[1].max(0) as usize],
+        _keep: vec![obj.clone(), src, cap],
+    })
+}
+
+impl BytePool<'_> {
+    /// The pool's bytes, for reading.
+    pub fn bytes(&self) -> &[u8] {
+        let n = self.shape[0] * self.shape[1];
+        if n == 0 {
+            return &[];
+        }
+        // SAFETY: the producer's buffer is C-contiguous with `n` bytes (checked when
+        // borrowed) and is kept alive by `_keep` while `self` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, n) }
+    }
+
+    /// The pool's bytes, for writing in place.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        let n = self.shape[0] * self.shape[1];
+        if n == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `bytes`; the caller's tensor is the pool the API writes into, and
+        // `&mut self` keeps this the only slice made from it while it is used.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u8, n) }
+    }
+}
+
+impl Borrow<'_> {
+    /// A 3-D `[T, H, D]` tensor as the 4-D view `[1, T, H, D]`.
+    pub fn view3(&self, py: Python<'_>, arg: &str, expected: &str) -> PyResult<View4<'_>> {
+        if self.shape.len() != 3 {
+            return Err(shape_err(
+                py,
+                format!("{arg}: expected shape {expected}, got {:?}", self.shape),
+            ));
+        }
+        let s = [1, self.shape[0], self.shape[1], self.shape[2]];
+        let st = [0, self.strides[0], self.strides[1], self.strides[2]];
+        View4::new(arg, self.data(), s, st).map_err(|e| super::errors::to_py(py, e))
+    }
+}

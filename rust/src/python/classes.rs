@@ -12,13 +12,15 @@ use super::buffers::{borrow, Borrow};
 use super::device::{backend_for, dev_tensor, guard, use_torch_stream};
 use super::dlpack::export_page;
 use super::errors::{arg_err, dtype_err, shape_err, to_py};
-use crate::attend::{attend, attend_lse, AttendArgs};
-use crate::page::{FpFormat, Page};
+use crate::attend::AttendArgs;
+use crate::config::{KeyLayout, QuantConfig};
+use crate::format::FpFormat;
+use crate::page::Page;
 use crate::rope::Rope;
 use crate::rotation::{Mode, RotationPlan};
-use crate::store::{AppendArgs, KVStore, KeyLayout, QuantConfig};
+use crate::store::{AppendArgs, KVStore};
 
-fn rk<T>(py: Python<'_>, r: crate::Result<T>) -> PyResult<T> {
+pub(super) fn rk<T>(py: Python<'_>, r: crate::Result<T>) -> PyResult<T> {
     r.map_err(|e| to_py(py, e))
 }
 
@@ -30,7 +32,7 @@ pub struct PyPlan {
     pub inner: RotationPlan,
 }
 
-fn int_array<'py>(
+pub(super) fn int_array<'py>(
     py: Python<'py>,
     obj: &Bound<'py, PyAny>,
     arg: &str,
@@ -86,7 +88,7 @@ fn bool_array<'py>(
     Ok((a.as_slice()?.to_vec(), shape))
 }
 
-fn float_list(py: Python<'_>, obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec<f32>> {
+pub(super) fn float_list(py: Python<'_>, obj: &Bound<'_, PyAny>, arg: &str) -> PyResult<Vec<f32>> {
     let np = py.import("numpy")?;
     let arr = np
         .call_method1("asarray", (obj,))
@@ -624,7 +626,8 @@ impl PyStore {
         };
         // Value checks run on the device (torch), before anything changes.
         if kd.shape == vd.shape && kd.shape[1] == self.read().meta.heads {
-            py.import("rotatekv._device")?.call_method1(
+            super::call_hook(
+                py,
                 "check_values",
                 (k, v, &valid, &protect, &bits, fp, default_bits),
             )?;
@@ -970,8 +973,7 @@ impl PyStore {
                     ),
                 ));
             }
-            py.import("rotatekv._device")?
-                .call_method1("check_finite", (&q, "q"))?;
+            super::call_hook(py, "check_finite", (&q, "q"))?;
             let pos = match &positions {
                 None => None,
                 Some(p) => {
@@ -1004,11 +1006,8 @@ impl PyStore {
                 lag,
             };
             use_torch_stream(py, &backend)?;
-            let res = py.detach(|| {
-                guard(|| {
-                    crate::attend::attend_device(&self.read(), layer, &qd, &od, ld.as_ref(), &o)
-                })
-            });
+            let res =
+                py.detach(|| guard(|| self.read().attend_device(layer, &qd, &od, ld.as_ref(), &o)));
             rk(py, res)?;
             return match lse_obj {
                 Some(l) => {
@@ -1064,9 +1063,9 @@ impl PyStore {
         let res = py.detach(|| {
             let s = self.read();
             if return_lse {
-                attend_lse(&s, layer, &args, &mut out, &mut lse)
+                s.attend_lse(layer, &args, &mut out, &mut lse)
             } else {
-                attend(&s, layer, &args, &mut out)
+                s.attend(layer, &args, &mut out)
             }
         });
         rk(py, res)?;

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 
 use super::errors::{device_err, dtype_err, shape_err, to_py};
 use crate::cuda::backend::{Backend, CudaBackend};
-use crate::store::DevTensor;
+use crate::device::DevTensor;
 use crate::tensor::DType;
 
 /// The backend of a `device` argument: `None` for `"cpu"`.
@@ -40,8 +40,8 @@ pub fn backend_for(py: Python<'_>, device: &str) -> PyResult<Option<Arc<dyn Back
                     )
                 })?,
             };
-            // NVRTC from torch's wheels is not on the library path: the Python side finds it.
-            py.import("rotatekv.cuda")?.call_method0("_load_nvrtc")?;
+            // NVRTC from torch's wheels is not on the library path: the package finds it.
+            super::call_hook(py, "load_nvrtc", ())?;
             let b = py.detach(|| guard(|| CudaBackend::get(ordinal)));
             b.map(Some).map_err(|e| to_py(py, e))
         }

@@ -6,6 +6,7 @@ mod classes;
 mod device;
 mod dlpack;
 mod errors;
+mod paged;
 
 use pyo3::prelude::*;
 
@@ -130,6 +131,32 @@ fn _attention_mass<'py>(
         m.count.into_pyarray(py).reshape([b, tk])?,
         m.lse.into_pyarray(py).reshape([b, dims.hq, dims.tq])?,
     ))
+}
+
+/// The package's device hooks (`rotatekv._device`: value checks of device tensors run with
+/// torch, and finding torch's NVRTC), handed down when `rotatekv` is imported so that this
+/// layer never imports the package back.
+static HOOKS: std::sync::OnceLock<Py<PyAny>> = std::sync::OnceLock::new();
+
+/// Registers the package's device hooks (once; later calls keep the first).
+#[pyfunction]
+fn _set_device_hooks(hooks: Bound<'_, PyAny>) {
+    let _ = HOOKS.set(hooks.unbind());
+}
+
+/// Calls hook `name` with `args`; a device store needs the package's hooks.
+pub(crate) fn call_hook<'py>(
+    py: Python<'py>,
+    name: &str,
+    args: impl pyo3::call::PyCallArgs<'py>,
+) -> PyResult<Bound<'py, PyAny>> {
+    match HOOKS.get() {
+        Some(h) => h.bind(py).call_method1(name, args),
+        None => Err(errors::device_err(
+            py,
+            "device stores are driven through the rotatekv package: import rotatekv first".into(),
+        )),
+    }
 }
 
 /// Loads NVRTC (and its builtins) from `dir`.
@@ -291,9 +318,13 @@ fn _rotatekv(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<classes::PyPlan>()?;
     m.add_class::<classes::PyStore>()?;
     m.add_class::<classes::PyPageBuffer>()?;
+    paged::register(m)?;
+    // The precision classes, from the one format table (Python derives its checks from it).
+    m.add("_CLASS_BITS", crate::format::CLASS_BITS.to_vec())?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     m.add_function(wrap_pyfunction!(hadamard, m)?)?;
     m.add_function(wrap_pyfunction!(_attention_mass, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_device_hooks, m)?)?;
     m.add_function(wrap_pyfunction!(_cuda_load_nvrtc, m)?)?;
     m.add_function(wrap_pyfunction!(_cuda_nvrtc_available, m)?)?;
     m.add_function(wrap_pyfunction!(_cuda_nvrtc_version, m)?)?;

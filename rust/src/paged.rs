@@ -285,10 +285,19 @@ pub fn write(pool: &mut [u8], fmt: &BlockFormat, m: &Meta, a: &WriteArgs) -> Res
     let bb = fmt.block_bytes();
     let (kclip, vclip) = m.clips(0);
     let quant = fmt.bits < 16;
-    pool.par_chunks_mut(bb).enumerate().for_each(|(bi, bytes)| {
-        let Some(toks) = by_block.get(&bi) else {
-            return;
-        };
+    // The touched blocks only (a decode step writes one slot of a large pool): disjoint
+    // slices carved in block order, one block per unit of parallel work.
+    let mut jobs = Vec::with_capacity(by_block.len());
+    let mut rest: &mut [u8] = pool;
+    let mut at = 0;
+    for (&bi, toks) in &by_block {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((bi - at) * bb);
+        let (bytes, tail) = tail.split_at_mut(bb);
+        jobs.push((bytes, toks.as_slice()));
+        rest = tail;
+        at = bi + 1;
+    }
+    jobs.into_par_iter().for_each(|(bytes, toks)| {
         // Runs of consecutive slots are written as one chunk.
         let mut i = 0;
         while i < toks.len() {
@@ -366,6 +375,13 @@ pub fn attend(
             "q",
             format!("[Tq, Hq (a multiple of {}), D={}]", fmt.heads, fmt.d),
             format!("{:?}", &a.q.shape[1..]),
+        ));
+    }
+    if a.opts.positions.is_some() {
+        return Err(Error::value(
+            "positions",
+            "None (a pool's positions are token indices)",
+            "given",
         ));
     }
     let b = a.seq_lens.len();
@@ -451,13 +467,6 @@ pub fn attend(
             });
         }
         pages.push(views);
-    }
-    if a.opts.positions.is_some() {
-        return Err(Error::value(
-            "positions",
-            "None (a pool's positions are token indices)",
-            "given",
-        ));
     }
     let masking = attend::check_options(&a.opts, d)?;
     let q = attend::dense_queries(&rows, d, masking.scale, |b, h, t, row| {

@@ -25,7 +25,7 @@ RKV_DEV float rkv_key_at(const u8* hb, const RkvLayout& L, i32 c, i32 u, i32 fmt
 RKV_DEV float rkv_value_at(const u8* hb, const RkvLayout& L, i32 u, i32 c, i32 fmt) {
   if (L.bits == 16)
     return rkv_fp16_load(reinterpret_cast<const u16*>(hb + L.v_codes)[u * L.d + c], fmt);
-  float code = (float)rkv_get_code(hb + L.v_codes + (i64)u * L.v_row, L.bits, L.d, c);
+  float code = (float)rkv_get_code(hb + L.v_codes + (i64)u * L.v_row, L.vbits, L.d, c);
   i32 si = u * (L.d / L.group) + c / L.group;
   float s = rkv_f16_to_f32(reinterpret_cast<const u16*>(hb + L.v_scale)[si]);
   float z = rkv_f16_to_f32(reinterpret_cast<const u16*>(hb + L.v_zero)[si]);
@@ -63,7 +63,21 @@ RKV_GLOBAL void rkv_attend(RkvAttendParams p) {
   float* Lsum = M + R;
   float* CORR = Lsum + R;
   float* T = CORR + R;
-  const i32* qpos = reinterpret_cast<const i32*>(p.qpos) + (i64)b * p.tq;
+  // Paged pools (rotatekv.paged): this request's queries, tokens and block-table row, read
+  // here on the device. Tq is then the longest request's query count: rows past this
+  // request's own are neither computed nor combined.
+  const bool paged = p.block_table != 0;
+  i32 nq = p.tq, q0 = 0, seq = 0;
+  if (paged) {
+    const i32* qsl = reinterpret_cast<const i32*>(p.query_start);
+    q0 = qsl[b];
+    nq = qsl[b + 1] - q0;
+    seq = reinterpret_cast<const i32*>(p.seq_lens)[b];
+    if (seq < 0) seq = 0;
+    if (r0 / hg >= nq) return;  // the whole block is past this request's queries
+  }
+  const i32* qpos = paged ? nullptr : reinterpret_cast<const i32*>(p.qpos) + (i64)b * p.tq;
+  auto qpos_of = [&](i32 t) { return paged ? seq - nq + t : qpos[t]; };
   const u32* perm = reinterpret_cast<const u32*>(p.perm) + (i64)g * n;
   const float* inv_freq = reinterpret_cast<const float*>(p.inv_freq);
 
@@ -71,9 +85,9 @@ RKV_GLOBAL void rkv_attend(RkvAttendParams p) {
   for (i32 w = tid; w < R * D; w += RKV_THREADS) {
     i32 r = w / D, c = w % D;
     float v = 0.0f;
-    if (r < nr) {
-      i32 f = r0 + r, t = f / hg, qh = g * hg + f % hg;
-      i64 off = b * p.q_s[0] + qh * p.q_s[1] + t * p.q_s[2] + c * p.q_s[3];
+    i32 f = r0 + r, t = f / hg, qh = g * hg + f % hg;
+    if (r < nr && t < nq) {
+      i64 off = b * p.q_s[0] + qh * p.q_s[1] + (i64)(q0 + t) * p.q_s[2] + c * p.q_s[3];
       v = rkv_load(p.q, off, p.q_dtype) * p.scale;
     }
     Q[w] = v;
@@ -93,16 +107,37 @@ RKV_GLOBAL void rkv_attend(RkvAttendParams p) {
     __syncthreads();
   }
 
-  const i32* page_off = reinterpret_cast<const i32*>(p.page_off);
-  const RkvPage* pages = reinterpret_cast<const RkvPage*>(p.pages) + page_off[b];
-  const i32 np = page_off[b + 1] - page_off[b];
+  const RkvPage* pages = nullptr;
+  i32 np;
+  if (paged) {
+    np = (i32)(((i64)seq + p.block_size - 1) / p.block_size);
+    if (np > p.max_blocks) np = p.max_blocks;
+  } else {
+    const i32* page_off = reinterpret_cast<const i32*>(p.page_off);
+    pages = reinterpret_cast<const RkvPage*>(p.pages) + page_off[b];
+    np = page_off[b + 1] - page_off[b];
+  }
   const i32 p0 = (i32)((i64)split * np / p.splits), p1 = (i32)((i64)(split + 1) * np / p.splits);
 
   for (i32 pi = p0; pi < p1; ++pi) {
-    const RkvPage pg = pages[pi];
+    RkvPage pg;
+    if (paged) {
+      const i32 blk = reinterpret_cast<const i32*>(p.block_table)[(i64)b * p.max_blocks + pi];
+      // An id outside the pool reads as no tokens (checking it on the host would sync).
+      if (blk < 0 || blk >= p.num_blocks) continue;
+      pg.data = p.pool + (u64)((i64)blk * p.block_bytes);
+      pg.cls = 0;
+      pg.start = 0;
+      pg.len = seq - pi * p.block_size < p.block_size ? seq - pi * p.block_size : p.block_size;
+    } else {
+      pg = pages[pi];
+    }
     const RkvLayout L = p.lay[pg.cls];
     const u8* page = reinterpret_cast<const u8*>(pg.data);
+    // Key positions: a store page's header, or a block's place in its request.
     const i32* kpos = reinterpret_cast<const i32*>(page);
+    const i32 first = pi * p.block_size;
+    auto kpos_of = [&](i32 u) { return paged ? first + u : kpos[u]; };
     const bool quant = L.bits < 16;
     for (i32 u0 = pg.start; u0 < pg.len; u0 += TT) {
       const i32 nt = pg.len - u0 < TT ? pg.len - u0 : TT;
@@ -120,7 +155,7 @@ RKV_GLOBAL void rkv_attend(RkvAttendParams p) {
         const i32 rh = p.rot_half;
         for (i32 w = tid; w < nt * gh * rh; w += RKV_THREADS) {
           i32 k = w / (gh * rh), hl = (w / rh) % gh, i = w % rh;
-          float ang = (float)kpos[u0 + k] * inv_freq[i];
+          float ang = (float)kpos_of(u0 + k) * inv_freq[i];
           float sn, cs;
           sincosf(ang, &sn, &cs);
           cs *= p.rope_scaling;
@@ -141,7 +176,7 @@ RKV_GLOBAL void rkv_attend(RkvAttendParams p) {
         float s = 0.0f;
         for (i32 c = 0; c < D; ++c) s += q[c] * x[c];
         if (p.softcap > 0.0f) s = p.softcap * tanhf(s / p.softcap);
-        i32 kp = kpos[u0 + k], qp = qpos[t];
+        i32 kp = kpos_of(u0 + k), qp = qpos_of(t);
         bool vis = (!p.causal || kp <= qp) && (p.window <= 0 || (i64)qp - kp < p.window);
         S[r * TT + k] = vis ? s : -RKV_INF;
       }
@@ -202,6 +237,13 @@ RKV_GLOBAL void rkv_attend(RkvAttendParams p) {
 RKV_GLOBAL void rkv_combine(RkvCombineParams p) {
   RKV_DYN_SMEM(float, acc);
   const i32 row = blockIdx.x, b = blockIdx.y, D = p.d, rows = p.hq * p.tq;
+  const i32 qh = row / p.tq, t = row % p.tq;
+  i32 q0 = 0;
+  if (p.query_start) {
+    const i32* qsl = reinterpret_cast<const i32*>(p.query_start);
+    q0 = qsl[b];
+    if (t >= qsl[b + 1] - q0) return;  // past this request's queries
+  }
   const float* work = reinterpret_cast<const float*>(p.work);
   float mstar = -RKV_INF;
   for (i32 s = 0; s < p.splits; ++s)
@@ -221,11 +263,13 @@ RKV_GLOBAL void rkv_combine(RkvCombineParams p) {
   }
   __syncthreads();
   if (p.rotate_values) rkv_fwht_block(acc, 1, D, D, true, true);
-  const i32 qh = row / p.tq, t = row % p.tq;
-  if (p.lse && threadIdx.x == 0)
-    reinterpret_cast<float*>(p.lse)[(i64)b * rows + row] = l > 0.0f ? mstar + logf(l) : -RKV_INF;
+  if (p.lse && threadIdx.x == 0) {
+    i64 li = p.query_start ? (i64)(q0 + t) * p.hq + qh : (i64)b * rows + row;
+    reinterpret_cast<float*>(p.lse)[li] = l > 0.0f ? mstar + logf(l) : -RKV_INF;
+  }
   for (i32 c = threadIdx.x; c < D; c += RKV_THREADS) {
     float v = l > 0.0f ? acc[c] / l : 0.0f;
-    rkv_store(p.out, b * p.o_s[0] + qh * p.o_s[1] + t * p.o_s[2] + c * p.o_s[3], p.o_dtype, v);
+    rkv_store(p.out, b * p.o_s[0] + qh * p.o_s[1] + (i64)(q0 + t) * p.o_s[2] + c * p.o_s[3],
+              p.o_dtype, v);
   }
 }

@@ -50,6 +50,77 @@ RKV_DEV u8 rkv_pack_byte(const u8* codes, i32 bits, i32 n, i32 j) {
   }
 }
 
+// Packs group `g` of one token into slot `slot` of `page` (layout L): keys `kx` and values
+// `vx` (n = gh * d floats each, model basis, in shared memory; `kst` and `codes` are n-float
+// and n-byte scratch). Per-channel pages leave their keys to rkv_channel_keys: the
+// stored-basis keys go to `key_out` instead. The whole block calls it, after a barrier.
+RKV_DEV void rkv_pack_token(float* kx, float* vx, float* kst, u8* codes, u8* page,
+                            const RkvLayout& L, i32 slot, i32 g, i32 gh, i32 d,
+                            const u32* perm, const RkvPack& a, float* key_out) {
+  const i32 tid = threadIdx.x, n = gh * d;
+  if (L.bits == 16) {
+    // Unrotated 16-bit copy: keys channel-major [D][cap], values [cap][D].
+    for (i32 i = tid; i < n; i += RKV_THREADS) {
+      i32 h = g * gh + i / d, c = i % d;
+      u8* hb = page + L.head_off + (i64)h * L.head_bytes;
+      reinterpret_cast<u16*>(hb)[c * L.cap + slot] = rkv_fp16_store(kx[i], a.fp_format);
+      reinterpret_cast<u16*>(hb + L.v_codes)[slot * d + c] = rkv_fp16_store(vx[i], a.fp_format);
+    }
+    return;
+  }
+
+  // Keys to the stored basis: Hadamard over the group, then the permutation.
+  if (a.rotate_keys) rkv_fwht_block(kx, 1, n, n, false, true);
+  perm += (i64)g * n;
+  for (i32 j = tid; j < n; j += RKV_THREADS) kst[j] = kx[perm[j]];
+  if (a.rotate_values) rkv_fwht_block(vx, gh, d, d, false, true);
+  __syncthreads();
+
+  const i32 warp = tid / 32, lane = tid % 32, grp = L.group, ng = d / grp;
+  if (L.per_channel) {
+    // Per-channel pages are quantized whole by rkv_channel_keys, from these rows.
+    float* out = key_out + (i64)g * n;
+    for (i32 j = tid; j < n; j += RKV_THREADS) out[j] = kst[j];
+  } else {
+    // One warp per (head, key group of this token). Key rows are channel-major, so codes of
+    // neighbouring slots share bytes: rkv_set_code writes with word atomics.
+    for (i32 w = warp; w < gh * ng; w += RKV_THREADS / 32) {
+      i32 hl = w / ng, gi = w % ng, h = g * gh + hl;
+      u8* hb = page + L.head_off + (i64)h * L.head_bytes;
+      u16 s, z;
+      rkv_warp_group(kst + hl * d + gi * grp, grp, lane, L.bits, a.key_clip, &s, &z,
+                     [&](i32 c, u32 code) {
+                       rkv_set_code(hb + (gi * grp + c) * L.k_row, L.bits, L.cap, slot, code);
+                     });
+      if (lane == 0) {
+        reinterpret_cast<u16*>(hb + L.k_scale)[gi * L.cap + slot] = s;
+        reinterpret_cast<u16*>(hb + L.k_zero)[gi * L.cap + slot] = z;
+      }
+    }
+  }
+
+  // Values (L.vbits wide): per-token groups, codes gathered per head, then whole packed
+  // bytes of this slot's own row written.
+  for (i32 w = warp; w < gh * ng; w += RKV_THREADS / 32) {
+    i32 hl = w / ng, gi = w % ng, h = g * gh + hl;
+    u8* hb = page + L.head_off + (i64)h * L.head_bytes;
+    u16 s, z;
+    u8* out = codes + hl * d + gi * grp;
+    rkv_warp_group(vx + hl * d + gi * grp, grp, lane, L.vbits, a.value_clip, &s, &z,
+                   [&](i32 c, u32 code) { out[c] = (u8)code; });
+    if (lane == 0) {
+      reinterpret_cast<u16*>(hb + L.v_scale)[slot * ng + gi] = s;
+      reinterpret_cast<u16*>(hb + L.v_zero)[slot * ng + gi] = z;
+    }
+  }
+  __syncthreads();
+  for (i32 w = tid; w < gh * L.v_row; w += RKV_THREADS) {
+    i32 hl = w / L.v_row, j = w % L.v_row, h = g * gh + hl;
+    u8* row = page + L.head_off + (i64)h * L.head_bytes + L.v_codes + (i64)slot * L.v_row;
+    row[j] = rkv_pack_byte(codes + hl * d, L.vbits, d, j);
+  }
+}
+
 // Grid (n_tok, G), RKV_THREADS threads. Dynamic shared memory: 3 * n floats + n bytes,
 // n = group_heads * d.
 RKV_GLOBAL void rkv_append(RkvAppendParams p) {
@@ -70,8 +141,8 @@ RKV_GLOBAL void rkv_append(RkvAppendParams p) {
     float k = rkv_load(src.k, h * src.k_sh + c * src.k_sc, src.dtype);
     float v = rkv_load(src.v, h * src.v_sh + c * src.v_sc, src.dtype);
     if (src.round) {
-      k = rkv_fp16_load(rkv_fp16_store(k, p.fp_format), p.fp_format);
-      v = rkv_fp16_load(rkv_fp16_store(v, p.fp_format), p.fp_format);
+      k = rkv_fp16_load(rkv_fp16_store(k, p.pack.fp_format), p.pack.fp_format);
+      v = rkv_fp16_load(rkv_fp16_store(v, p.pack.fp_format), p.pack.fp_format);
     }
     kx[i] = k;
     vx[i] = v;
@@ -81,66 +152,52 @@ RKV_GLOBAL void rkv_append(RkvAppendParams p) {
     page[L.tag_off + dst.slot] = (u8)dst.tag;
   }
   __syncthreads();
+  float* key_out = L.per_channel
+                       ? reinterpret_cast<float*>(p.key_out) + (i64)dst.key_row * p.heads * d
+                       : nullptr;
+  rkv_pack_token(kx, vx, kst, codes, page, L, dst.slot, g, gh, d,
+                 reinterpret_cast<const u32*>(p.perm), p.pack, key_out);
+}
 
-  if (L.bits == 16) {
-    // Unrotated 16-bit copy: keys channel-major [D][cap], values [cap][D].
-    for (i32 i = tid; i < n; i += RKV_THREADS) {
-      i32 h = g * gh + i / d, c = i % d;
-      u8* hb = page + L.head_off + (i64)h * L.head_bytes;
-      reinterpret_cast<u16*>(hb)[c * L.cap + dst.slot] = rkv_fp16_store(kx[i], p.fp_format);
-      reinterpret_cast<u16*>(hb + L.v_codes)[dst.slot * d + c] = rkv_fp16_store(vx[i], p.fp_format);
-    }
-    return;
-  }
-
-  // Keys to the stored basis: Hadamard over the group, then the permutation.
-  if (p.rotate_keys) rkv_fwht_block(kx, 1, n, n, false, true);
-  const u32* perm = reinterpret_cast<const u32*>(p.perm) + (i64)g * n;
-  for (i32 j = tid; j < n; j += RKV_THREADS) kst[j] = kx[perm[j]];
-  if (p.rotate_values) rkv_fwht_block(vx, gh, d, d, false, true);
-  __syncthreads();
-
-  const i32 warp = tid / 32, lane = tid % 32, bits = L.bits, grp = L.group, ng = d / grp;
-  if (L.per_channel) {
-    // Per-channel pages are quantized whole by rkv_channel_keys, from these rows.
-    float* out = reinterpret_cast<float*>(p.key_out) + (i64)dst.key_row * p.heads * d + (i64)g * n;
-    for (i32 j = tid; j < n; j += RKV_THREADS) out[j] = kst[j];
-  } else {
-    // One warp per (head, key group of this token).
-    for (i32 w = warp; w < gh * ng; w += RKV_THREADS / 32) {
-      i32 hl = w / ng, gi = w % ng, h = g * gh + hl;
-      u8* hb = page + L.head_off + (i64)h * L.head_bytes;
-      u16 s, z;
-      rkv_warp_group(kst + hl * d + gi * grp, grp, lane, bits, p.key_clip, &s, &z,
-                     [&](i32 c, u32 code) {
-                       rkv_set_code(hb + (gi * grp + c) * L.k_row, bits, L.cap, dst.slot, code);
-                     });
-      if (lane == 0) {
-        reinterpret_cast<u16*>(hb + L.k_scale)[gi * L.cap + dst.slot] = s;
-        reinterpret_cast<u16*>(hb + L.k_zero)[gi * L.cap + dst.slot] = z;
-      }
-    }
-  }
-
-  // Values: per-token groups, codes gathered per head, then whole packed bytes written.
-  for (i32 w = warp; w < gh * ng; w += RKV_THREADS / 32) {
-    i32 hl = w / ng, gi = w % ng, h = g * gh + hl;
-    u8* hb = page + L.head_off + (i64)h * L.head_bytes;
-    u16 s, z;
-    u8* out = codes + hl * d + gi * grp;
-    rkv_warp_group(vx + hl * d + gi * grp, grp, lane, bits, p.value_clip, &s, &z,
-                   [&](i32 c, u32 code) { out[c] = (u8)code; });
-    if (lane == 0) {
-      reinterpret_cast<u16*>(hb + L.v_scale)[dst.slot * ng + gi] = s;
-      reinterpret_cast<u16*>(hb + L.v_zero)[dst.slot * ng + gi] = z;
-    }
+// Tokens into a caller-owned pool (rotatekv.paged.write). Grid (n_tok, G), RKV_THREADS
+// threads, shared memory as rkv_append. The slot of each token is read here, on the device.
+RKV_GLOBAL void rkv_paged_write(RkvPagedWriteParams p) {
+  RKV_DYN_SMEM(float, sm);
+  const i32 t = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
+  const i32 d = p.d, gh = p.group_heads, n = gh * d;
+  const i64 slot = rkv_load_int(p.slots, t, p.slots_i64);
+  if (slot < 0 || slot >= p.num_slots) return;  // padding (-1), or outside the pool
+  const i32 u = (i32)(slot % p.block_size);
+  u8* page = reinterpret_cast<u8*>(p.pool) + (slot / p.block_size) * p.block_bytes;
+  float* kx = sm;
+  float* vx = sm + n;
+  float* kst = sm + 2 * n;
+  u8* codes = reinterpret_cast<u8*>(sm + 3 * n);
+  for (i32 i = tid; i < n; i += RKV_THREADS) {
+    i32 h = g * gh + i / d, c = i % d;
+    kx[i] = rkv_load(p.k, t * p.k_s[0] + h * p.k_s[1] + c * p.k_s[2], p.dtype);
+    vx[i] = rkv_load(p.v, t * p.v_s[0] + h * p.v_s[1] + c * p.v_s[2], p.dtype);
   }
   __syncthreads();
-  for (i32 w = tid; w < gh * L.v_row; w += RKV_THREADS) {
-    i32 hl = w / L.v_row, j = w % L.v_row, h = g * gh + hl;
-    u8* row = page + L.head_off + (i64)h * L.head_bytes + L.v_codes + (i64)dst.slot * L.v_row;
-    row[j] = rkv_pack_byte(codes + hl * d, bits, d, j);
+  if (p.mode == RKV_PRE_ROPE) {
+    // Keys back to before RoPE (rust/src/rope.rs Rope::unapply).
+    const i32 rh = p.rot_half;
+    const float* inv_freq = reinterpret_cast<const float*>(p.inv_freq);
+    const float pos = (float)rkv_load_int(p.positions, t, p.pos_i64);
+    const float inv = 1.0f / p.rope_scaling;
+    for (i32 w = tid; w < gh * rh; w += RKV_THREADS) {
+      i32 hl = w / rh, i = w % rh;
+      float sn, cs;
+      sincosf(pos * inv_freq[i], &sn, &cs);
+      float* x = kx + hl * d;
+      float a = x[i], b = x[i + rh];
+      x[i] = (a * cs + b * sn) * inv;
+      x[i + rh] = (b * cs - a * sn) * inv;
+    }
+    __syncthreads();
   }
+  rkv_pack_token(kx, vx, kst, codes, page, p.lay, u, g, gh, d,
+                 reinterpret_cast<const u32*>(p.perm), p.pack, nullptr);
 }
 
 // Keys of whole per-channel pages. Grid (n_pages, heads), RKV_THREADS threads; one thread

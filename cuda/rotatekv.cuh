@@ -64,11 +64,12 @@ typedef unsigned long long u64;
 // ---------------------------------------------------------------------------------------
 // Parameter structs (mirrored in rust/src/cuda/abi.rs).
 
-// One page format: `rust/src/format.rs` Layout, every field an i32.
+// One page format: `rust/src/format.rs` Layout, every field an i32. `bits` is the key
+// width, `vbits` the value width (16 for both or neither).
 struct RkvLayout {
   i32 bits, per_channel, cap, heads, d, group;
   i32 tag_off, head_off, head_bytes, k_row, k_scale, k_zero, v_codes, v_row, v_scale, v_zero;
-  i32 total, pad;
+  i32 total, vbits;
 };
 
 // One live page of a sequence, as attention reads it.
@@ -100,14 +101,20 @@ struct RkvDst {
   i32 pad;
 };
 
+// How a layer's tokens are packed: the plan's transforms, the 16-bit format and the clips
+// (rkv_append and rkv_paged_write alike).
+struct RkvPack {
+  i32 rotate_keys, rotate_values, fp_format, pad;
+  float key_clip, value_clip;
+};
+
 struct RkvAppendParams {
   u64 src;   // RkvSrc[n_tok]
   u64 dst;   // RkvDst[n_tok]
   u64 perm;  // u32[G * n]: stored channel j of group g is channel perm[g*n + j] of H x
   u64 key_out;  // f32 [rows][H*D]: stored-basis keys of tokens bound for per-channel pages
   i32 n_tok, heads, d, group_heads;
-  i32 rotate_keys, rotate_values, fp_format, pad;
-  float key_clip, value_clip;
+  RkvPack pack;
   RkvLayout lay[RKV_NUM_CLASSES];
 };
 
@@ -122,11 +129,23 @@ struct RkvChannelParams {
   RkvLayout lay[RKV_NUM_CLASSES];
 };
 
+// Attention reads either a list of store pages (`pages`, `page_off`, `qpos`) or, when
+// `block_table` is set, a caller-owned pool of blocks of layout lay[0] through block tables
+// read on the device (rotatekv.paged): request b's token j sits in block
+// block_table[b * max_blocks + j / block_size] at slot j % block_size, has position j, and
+// its queries are rows query_start_loc[b] .. query_start_loc[b+1] of q (the last positions).
 struct RkvAttendParams {
-  u64 q;           // [B, Hq, Tq, D], element strides q_s, dtype q_dtype
+  u64 q;           // [B, Hq, Tq, D], element strides q_s, dtype q_dtype (paged: q_s[0] = 0,
+                   // q_s[2] the token stride)
   u64 pages;       // RkvPage[page_off[B]]
   u64 page_off;    // i32[B + 1]: sequence b's pages are pages[page_off[b] .. page_off[b+1]]
   u64 qpos;        // i32[B * Tq]
+  u64 pool;        // paged: u8 [num_blocks][block_bytes]
+  u64 block_table; // paged: i32 [B][max_blocks], 0 for store pages
+  u64 seq_lens;    // paged: i32 [B]
+  u64 query_start; // paged: i32 [B + 1]
+  i64 block_bytes; // paged
+  i32 num_blocks, max_blocks, block_size, pad2;
   u64 perm;        // u32[G * n] (this layer)
   u64 inv_freq;    // f32[rot_half] (pre-RoPE plans)
   u64 work;        // f32 partials [B][splits][Hq*Tq][D + 2]
@@ -142,11 +161,35 @@ struct RkvAttendParams {
 
 struct RkvCombineParams {
   u64 work;  // as in RkvAttendParams
-  u64 out;   // [B, Hq, Tq, D], element strides o_s, dtype o_dtype
-  u64 lse;   // 0, or float [B, Hq, Tq] contiguous: each row's log-sum-exp (-inf: no key)
+  u64 out;   // [B, Hq, Tq, D], element strides o_s, dtype o_dtype (paged: as q)
+  u64 lse;   // 0, or float [B, Hq, Tq] contiguous: each row's log-sum-exp (-inf: no key);
+             // paged: [Tq_total, Hq]
+  u64 query_start;  // paged: i32 [B + 1] (rows past a request's queries are skipped), or 0
   i64 o_s[4];
   i32 batch, hq, tq, d;
   i32 splits, o_dtype, rotate_values, pad;
+};
+
+// Quantize + pack of tokens into a caller-owned pool through a slot mapping read on the
+// device (rotatekv.paged.write): token t goes to slot slots[t] (block slot / block_size,
+// offset slot % block_size) of blocks of layout `lay`; slots outside 0 .. num_blocks *
+// block_size (-1: padding) are skipped. Keys arrive after RoPE: pre-RoPE plans undo it at
+// positions[t].
+struct RkvPagedWriteParams {
+  u64 k, v;        // [T, H, D], element strides k_s / v_s, dtype `dtype`
+  u64 slots;       // [T], i64 when slots_i64 else i32
+  u64 positions;   // [T], i64 when pos_i64 else i32 (pre-RoPE plans), or 0
+  u64 pool;        // u8 [num_blocks][block_bytes]
+  u64 perm;        // u32[G * n]
+  u64 inv_freq;    // f32[rot_half] (pre-RoPE plans)
+  i64 k_s[3], v_s[3];
+  i64 block_bytes, num_slots;
+  i32 n_tok, heads, d, group_heads;
+  i32 dtype, slots_i64, pos_i64, block_size;
+  i32 mode, rot_half;
+  RkvPack pack;
+  float rope_scaling, pad1;
+  RkvLayout lay;
 };
 
 // Grouped Walsh-Hadamard transform of `rows` rows of `n` contiguous elements, in place or
@@ -262,6 +305,11 @@ RKV_DEV float rkv_load(u64 base, i64 i, i32 dtype) {
   if (dtype == RKV_F32) return reinterpret_cast<const float*>(base)[i];
   u16 h = reinterpret_cast<const u16*>(base)[i];
   return rkv_fp16_load(h, dtype);
+}
+
+// Element `i` of an integer tensor: int64 when `wide`, else int32.
+RKV_DEV i64 rkv_load_int(u64 base, i64 i, i32 wide) {
+  return wide ? reinterpret_cast<const i64*>(base)[i] : (i64)reinterpret_cast<const i32*>(base)[i];
 }
 
 RKV_DEV void rkv_store(u64 base, i64 i, i32 dtype, float v) {

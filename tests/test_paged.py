@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import rotatekv
 from rotatekv import (
     ArgumentError,
     DTypeError,
@@ -87,8 +88,9 @@ class Pool:
         bs = self.fmt.block_size
         return self.table[b, j // bs].long() * bs + j % bs
 
-    def write(self, g: torch.Generator, transform=None, **kw) -> None:
-        """Every request's tokens in one call, in random token order; shared slots once."""
+    def write(self, g: torch.Generator, transform=None, into=None, **kw) -> None:
+        """Every request's tokens in one call, in random token order; shared slots once
+        (into ``into``, a pool on any device, instead of ``self.pool`` when given)."""
         ks, vs, ss, ps = [], [], [], []
         seen: set[int] = set()
         for b in range(len(self.lens)):
@@ -103,7 +105,9 @@ class Pool:
             ps.append(pos[keep])
         k, v, s, p = (torch.cat(x) for x in (ks, vs, ss, ps))
         order = torch.randperm(len(s), generator=g)
-        paged.write(self.pool, self.fmt, k[order], v[order], s[order], p[order], **kw)
+        pool = self.pool if into is None else into
+        k, v, s, p = (x[order].to(pool.device) for x in (k, v, s, p))
+        paged.write(pool, self.fmt, k, v, s, p, **kw)
 
 
 def reference(k, v, q, scale, causal=True, window=None, softcap=None, lse=False):
@@ -247,7 +251,12 @@ def hadamard_plan(d: int, hkv: int, mode: str, layers: int = 2) -> RotationPlan:
 
 def store_for(fmt, plan, layer, k, v, rope=None, group=None):
     """A one-sequence KVStore of the same format fed ``k, v: [L, H, D]`` at ``layer``."""
-    cfg = QuantConfig(bits=fmt.bits, page_tokens=fmt.block_size, group_size=group)
+    cfg = QuantConfig(
+        key_bits=fmt.key_bits,
+        value_bits=fmt.value_bits,
+        page_tokens=fmt.block_size,
+        group_size=group,
+    )
     s = KVStore(
         plan.num_layers,
         fmt.num_kv_heads,
@@ -519,3 +528,270 @@ def test_separate_key_and_value_widths(kb, vb):
         want = reference(kk, vv, qs[b], d**-0.5)
         got = out[qsl[b] : qsl[b + 1]].double()
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-4, msg=f"seed {SEED} req {b}")
+
+
+@pytest.mark.parametrize("kb,vb", [(4, 2), (3, 2), (2, 4)])
+def test_stores_with_separate_widths_match_the_pool(kb, vb, tmp_path):
+    """A KVStore configured ``key_bits=kb, value_bits=vb`` holds the pool's bytes (a page is
+    a header, then a block) and attends alike; its device copy (emulated) as well; a saved
+    store loads with its widths."""
+    g = gen(kb * 7 + vb)
+    d, hkv, gqa, lens, nqs = 64, 2, 4, [150, 70], [1, 9]
+    plan = hadamard_plan(d, hkv, "post_rope")
+    fmt = paged.BlockFormat(hkv, d, key_bits=kb, value_bits=vb)
+    p = Pool(fmt, lens, g)
+    p.write(g, plan=plan, layer=1)
+    qs, q, qsl = ragged_queries(lens, nqs, hkv * gqa, d, g)
+    out = paged.attend(p.pool, fmt, q, p.table, torch.tensor(lens), qsl, plan=plan, layer=1)
+    for b in range(len(lens)):
+        s = store_for(fmt, plan, 1, p.k[b], p.v[b])
+        assert (s.config["key_bits"], s.config["value_bits"]) == (kb, vb)
+        # The device append kernel packs the same tokens (emulated device, fresh store).
+        e = s.to("emu")
+        e.clear()
+        e.append(1, p.k[b].transpose(0, 1)[None], p.v[b].transpose(0, 1)[None])
+        # Codes of both widths, fp16 scale and zero per token and side, position and tag.
+        want_bits = (kb + vb) / 2 + 32 / d + 5 * 8 / (2 * hkv * d)
+        assert s.class_bits(kb) == pytest.approx(want_bits)
+        s.save(tmp_path / f"s{b}")
+        loaded = KVStore.load(tmp_path / f"s{b}")
+        assert (loaded.config["key_bits"], loaded.config["value_bits"]) == (kb, vb)
+        want = out[qsl[b] : qsl[b + 1]]
+        for store in (s, e, loaded):
+            got = store.attend(1, qs[b].transpose(0, 1)[None])[0].transpose(0, 1)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"seed {SEED}")
+        for j, buf in enumerate(s.page_buffers(1, 0)):
+            page = torch.from_dlpack(buf)[buf.layout["heads"] :]
+            assert torch.equal(page, p.pool[int(p.table[b, j])]), f"seed {SEED} req {b}"
+    with pytest.raises(ArgumentError, match="value_bits"):
+        QuantConfig(key_bits=16, value_bits=2)
+    with pytest.raises(ArgumentError, match="value_bits"):
+        QuantConfig(value_bits=5)
+
+
+# ---------------------------------------------------------------------------------------
+# The CUDA kernels over pools, with slot mappings and block tables read on the device:
+# device="emu" (their host build) everywhere, device="cuda" on a GPU (pytest -m cuda).
+
+GPU = torch.cuda.is_available()
+DEVICES = [
+    "emu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not GPU, reason="needs a GPU")]
+    ),
+]
+
+
+def on(dev: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` where a ``dev`` pool's arguments live (emulated pools are CPU tensors)."""
+    return x if dev == "emu" else x.to(dev)
+
+
+def device_attend(dev, pool, fmt, q, table, lens, qsl, **kw):
+    i32 = torch.int32
+    return paged.attend(
+        pool,
+        fmt,
+        on(dev, q),
+        on(dev, table.to(i32)),
+        on(dev, torch.tensor(lens, dtype=i32)),
+        on(dev, qsl.to(i32)),
+        device=dev,
+        **kw,
+    )
+
+
+DCASES = [
+    # (key bits, value bits, head dim, kv heads, gqa, plan mode, lens, queries, window, softcap)
+    (16, 16, 64, 2, 4, "none", [37, 130, 64], [1, 1, 1], None, None),
+    (2, 2, 128, 2, 4, "post_rope", [150, 5, 97], [9, 5, 1], 100, 20.0),
+    (4, 2, 64, 1, 4, "post_rope", [65, 33, 129, 1], [3, 1, 17, 1], None, None),
+    (3, 2, 64, 2, 1, "none", [70, 1], [2, 1], 7, 5.0),
+    (8, 8, 256, 1, 4, "post_rope", [65, 30], [1, 4], None, None),
+]
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("kb,vb,d,hkv,gqa,mode,lens,nqs,window,softcap", DCASES)
+def test_device_pools_match_the_cpu_kernels(
+    dev, kb, vb, d, hkv, gqa, mode, lens, nqs, window, softcap
+):
+    """The CUDA writer packs the CPU writer's bytes, bit for bit (ragged requests, a shared
+    block, random block and token order, k4v2-style widths); attention over the pool gives
+    the CPU kernel's outputs and log-sum-exps."""
+    g = gen(kb * 100 + vb * 10 + d)
+    fmt = paged.BlockFormat(hkv, d, key_bits=kb, value_bits=vb, block_size=32)
+    plan = hadamard_plan(d, hkv, mode) if mode != "none" else RotationPlan.identity(2, hkv, d)
+    p = Pool(fmt, lens, g, shared=1)
+    p.write(gen(5), plan=plan, layer=1)
+    dpool = on(dev, torch.zeros_like(p.pool))
+    p.write(gen(5), into=dpool, plan=plan, layer=1, device=dev)
+    assert torch.equal(dpool.cpu(), p.pool), f"seed {SEED}"
+    qs, q, qsl = ragged_queries(lens, nqs, hkv * gqa, d, g)
+    kw = dict(plan=plan, layer=1, scale=0.2, window=window, softcap=softcap, return_lse=True)
+    want, want_lse = paged.attend(p.pool, fmt, q, p.table, torch.tensor(lens), qsl, **kw)
+    got, lse = device_attend(dev, dpool, fmt, q, p.table, lens, qsl, **kw)
+    assert got.shape == q.shape and lse.shape == want_lse.shape
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-4, msg=f"seed {SEED}")
+    torch.testing.assert_close(lse.cpu(), want_lse, atol=1e-5, rtol=1e-5, msg=f"seed {SEED}")
+    # The grid bound given (as serving engines know it) is what the default reads back; a
+    # larger one only adds rows that are skipped (and may change the tiling's sum order).
+    again = device_attend(dev, dpool, fmt, q, p.table, lens, qsl, max_query_len=max(nqs), **kw)
+    assert torch.equal(again[0], got)
+    again = device_attend(dev, dpool, fmt, q, p.table, lens, qsl, max_query_len=max(nqs) + 3, **kw)
+    torch.testing.assert_close(again[0], got, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_device_pools_take_half_inputs_and_int32_slots(dev):
+    g = gen(51)
+    fmt = paged.BlockFormat(2, 64, bits=4, block_size=32)
+    for dtype in (torch.float16, torch.bfloat16):
+        k = torch.randn(40, 2, 64, generator=g).to(dtype)
+        v = torch.randn(40, 2, 64, generator=g).to(dtype)
+        slots = torch.arange(40) + 32
+        ref = fmt.new_pool(3)
+        paged.write(ref, fmt, k, v, slots)
+        pool = on(dev, fmt.new_pool(3))
+        paged.write(pool, fmt, on(dev, k), on(dev, v), on(dev, slots.int()), device=dev)
+        assert torch.equal(pool.cpu(), ref)
+        q = torch.randn(2, 4, 64, generator=g).to(dtype)
+        want = paged.attend(ref, fmt, q, [[1, 2]], [40], [0, 2])
+        got = device_attend(dev, pool, fmt, q, torch.tensor([[1, 2]]), [40], torch.tensor([0, 2]))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.cpu().float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_device_pre_rope_writes_undo_rope_on_the_device(dev):
+    g = gen(61)
+    d, hkv, gqa = 128, 2, 4
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 48, 2).float() / 48))  # partial rotary
+    rope_kw = dict(rope_inv_freq=inv_freq.tolist(), rope_scaling=1.0)
+    lens, nqs = [130, 45], [1, 6]
+    fmt = paged.BlockFormat(hkv, d, bits=2, block_size=64)
+    plan = hadamard_plan(d, hkv, "pre_rope")
+    p = Pool(fmt, lens, g)
+    post = lambda k, pos: apply_rope(k, pos, inv_freq)  # noqa: E731
+    p.write(gen(6), transform=post, plan=plan, **rope_kw)
+    dpool = on(dev, torch.zeros_like(p.pool))
+    p.write(gen(6), transform=post, into=dpool, plan=plan, device=dev, **rope_kw)
+    # RoPE is undone in f32 with the device's sincos: a code may rarely land one step apart.
+    same = (dpool.cpu() == p.pool).double().mean()
+    assert same > 0.99, f"seed {SEED}: {same}"
+    qs, q, qsl = ragged_queries(lens, nqs, hkv * gqa, d, g)
+    kw = dict(plan=plan, **rope_kw)
+    want = paged.attend(p.pool, fmt, q, p.table, torch.tensor(lens), qsl, **kw)
+    # The device kernel re-applies RoPE at each key's place in its request.
+    got = device_attend(dev, on(dev, p.pool), fmt, q, p.table, lens, qsl, **kw)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=1e-3, msg=f"seed {SEED}")
+    got = device_attend(dev, dpool, fmt, q, p.table, lens, qsl, **kw).cpu()
+    err = (got - want).norm() / want.norm()
+    assert err < 2e-2, f"seed {SEED}: relative error {err}"
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_device_writers_of_neighbouring_slots_do_not_clobber(dev):
+    """2-bit codes of slots u, u+16, u+32, u+48 share a byte: one launch writes them all
+    (one thread block per token) and matches tokens written one call at a time."""
+    g = gen(71)
+    fmt = paged.BlockFormat(2, 64, bits=2, block_size=64)
+    k, v = torch.randn(12, 2, 64, generator=g), torch.randn(12, 2, 64, generator=g)
+    slots = torch.tensor([67, 83, 99, 115, 68, 84, 100, 116, 3, 19, 35, 51])
+    one = on(dev, fmt.new_pool(2))
+    paged.write(one, fmt, on(dev, k), on(dev, v), on(dev, slots), device=dev)
+    apart = fmt.new_pool(2)
+    for i in torch.randperm(12, generator=g).tolist():
+        paged.write(apart, fmt, k[i : i + 1], v[i : i + 1], slots[i : i + 1])
+    assert torch.equal(one.cpu(), apart)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_device_padding_and_slots_outside_the_pool_are_skipped(dev):
+    """-1 pads; a slot past the pool is skipped on the device (refusing it would mean
+    reading the mapping back to the host), so a bad slot never writes out of bounds."""
+    g = gen(81)
+    fmt = paged.BlockFormat(2, 64, bits=4, block_size=32)
+    k, v = torch.randn(5, 2, 64, generator=g), torch.randn(5, 2, 64, generator=g)
+    pool = on(dev, fmt.new_pool(3))
+    s = torch.tensor([-1, 5, 96, 6, -5])
+    paged.write(pool, fmt, on(dev, k), on(dev, v), on(dev, s), device=dev)
+    ref = fmt.new_pool(3)
+    paged.write(ref, fmt, k[[1, 3]], v[[1, 3]], torch.tensor([5, 6]))
+    assert torch.equal(pool.cpu(), ref)
+    # A block id outside the pool reads as no tokens.
+    q = torch.randn(1, 4, 64, generator=g)
+    out, lse = device_attend(
+        dev, pool, fmt, q, torch.tensor([[7]]), [3], torch.tensor([0, 1]), return_lse=True
+    )
+    assert torch.equal(out.cpu(), torch.zeros_like(q)) and torch.isinf(lse).all()
+
+
+def test_device_arguments_are_checked_before_any_launch():
+    fmt = paged.BlockFormat(2, 64, bits=2, block_size=64)
+    pool = fmt.new_pool(2)
+    before = pool.clone()
+    k = torch.randn(3, 2, 64)
+    s = torch.tensor([0, 1, 2])
+    pre, inv = hadamard_plan(64, 2, "pre_rope"), [1.0, 0.5, 0.25]
+    q = torch.randn(1, 4, 64)
+    t32 = lambda *x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    bt, sl, qsl = t32([0]), t32(1), t32(0, 1)
+    nan = k.clone()
+    nan[1, 0, 3] = float("nan")
+    cases = [
+        (lambda: paged.write(pool, fmt, k, k, s, device="tpu"), rotatekv.DeviceError, "device"),
+        (lambda: paged.write(pool.numpy(), fmt, k, k, s, device="emu"), DTypeError, "pool"),
+        (lambda: paged.write(pool[:, 1:], fmt, k, k, s, device="emu"), ShapeError, "pool"),
+        (lambda: paged.write(pool, fmt, k[0], k[0], s, device="emu"), ShapeError, "k"),
+        (lambda: paged.write(pool, fmt, k, k[:, :1], s, device="emu"), ShapeError, "v"),
+        (lambda: paged.write(pool, fmt, k, k.half(), s, device="emu"), DTypeError, "v"),
+        (lambda: paged.write(pool, fmt, k, k, s[:2], device="emu"), ShapeError, "slot_mapping"),
+        (lambda: paged.write(pool, fmt, k, k, s.float(), device="emu"), DTypeError, "slot_mapping"),
+        (lambda: paged.write(pool, fmt, nan, k, s, device="emu"), ArgumentError, "k"),
+        (
+            lambda: paged.write(pool, fmt, k, k, s, plan=pre, rope_inv_freq=inv, device="emu"),
+            ArgumentError,
+            "positions",
+        ),
+        (lambda: device_attend("emu", pool, fmt, q[:, :3], bt, [1], qsl), ShapeError, "q"),
+        (
+            lambda: paged.attend(pool, fmt, q, bt.long(), sl, qsl, device="emu"),
+            DTypeError,
+            "block_table",
+        ),
+        (
+            lambda: paged.attend(pool, fmt, q, bt[0], sl, qsl, device="emu"),
+            ShapeError,
+            "block_table",
+        ),
+        (
+            lambda: paged.attend(pool, fmt, q, bt, t32(1, 2), qsl, device="emu"),
+            ShapeError,
+            "seq_lens",
+        ),
+        (
+            lambda: paged.attend(pool, fmt, q, bt, sl, t32(0), device="emu"),
+            ShapeError,
+            "query_start",
+        ),
+        (
+            lambda: paged.attend(pool, fmt, q, bt, sl, qsl, max_query_len=-1, device="emu"),
+            ArgumentError,
+            "max_query_len",
+        ),
+        (
+            lambda: paged.attend(pool, fmt, q, bt, sl, qsl, out=q[:, :2], device="emu"),
+            ShapeError,
+            "out",
+        ),
+        (
+            lambda: paged.attend(pool, fmt, q, bt, sl, qsl, window=0, device="emu"),
+            ArgumentError,
+            "window",
+        ),
+    ]
+    for fn, err, word in cases:
+        with pytest.raises(err, match=word):
+            fn()
+        assert torch.equal(pool, before)

@@ -1065,6 +1065,8 @@ def test_repr_and_getters(gen):
     assert store.device == "cpu"
     assert store.config == {
         "bits": 4,
+        "key_bits": 4,
+        "value_bits": 4,
         "group_size": 32,
         "key_clip": None,
         "value_clip": None,
@@ -1075,6 +1077,8 @@ def test_repr_and_getters(gen):
     }
     assert store.plan == RotationPlan.identity(3, 2, 64)
     assert "KVStore(" in repr(store) and "bits=4" in repr(store)
+    # The resolved settings configure a store alike.
+    assert KVStore(3, 2, 64, config=store.config).config == store.config
     assert rotatekv.__version__ == rotatekv.build_info()["version"]
 
 

@@ -17,6 +17,11 @@ void rkv_emu_append(const RkvAppendParams* p, unsigned gx, unsigned gy, unsigned
   emu::launch(emu::dim3(gx, gy), RKV_THREADS, smem, [&] { rkv_append(*p); });
 }
 
+void rkv_emu_paged_write(const RkvPagedWriteParams* p, unsigned gx, unsigned gy,
+                         unsigned smem) {
+  emu::launch(emu::dim3(gx, gy), RKV_THREADS, smem, [&] { rkv_paged_write(*p); });
+}
+
 void rkv_emu_channel_keys(const RkvChannelParams* p, unsigned gx, unsigned gy) {
   emu::launch(emu::dim3(gx, gy), RKV_THREADS, 0, [&] { rkv_channel_keys(*p); });
 }
@@ -52,6 +57,7 @@ u64 rkv_emu_sizeof(int which) {
     case 7: return sizeof(RkvCombineParams);
     case 8: return sizeof(RkvFwhtParams);
     case 9: return sizeof(RkvMassParams);
+    case 10: return sizeof(RkvPagedWriteParams);
     default: return 0;
   }
 }

@@ -48,6 +48,8 @@ fn new_store(inp: &mut Input) -> Option<KVStore> {
     });
     let cfg = QuantConfig {
         bits: inp.pick(&[2, 3, 4, 8, 16]),
+        // Some combinations are refused (16 with a quantized width): the store is then None.
+        value_bits: inp.pick(&[None, Some(2), Some(4), Some(16)]),
         group_size: inp.pick(&[None, Some(8), Some(16)]),
         key_clip: inp.pick(&[None, Some(0.8), Some(1.0)]),
         value_clip: inp.pick(&[None, Some(0.9)]),

@@ -40,6 +40,12 @@ class QuantConfig:
     Args:
         bits: default bit width of a token: one of the precision classes, 2, 3, 4, 8, or 16
             (unquantized).
+        key_bits: the default class's key width (overrides ``bits``, which then reads the
+            same).
+        value_bits: the default class's value width, when values should differ from keys
+            (``key_bits=4, value_bits=2`` is the ``k4v2`` serving users ask for: keys usually
+            need more); ``None``: the key width. Tokens a policy puts in other classes keep
+            one width for both; 16 goes only with 16.
         group_size: channels per quantization group (a multiple of 8 dividing ``head_dim``);
             ``None`` uses the whole head.
         key_clip: clip ratio of key groups (min and max scaled by it); ``None`` uses the
@@ -69,11 +75,21 @@ class QuantConfig:
     fp_format: Literal["float16", "bfloat16"] = "float16"
     policy: Literal["fixed", "saliency", "akvq"] = "fixed"
     budget: float | None = None
+    key_bits: int | None = None
+    value_bits: int | None = None
 
     def __post_init__(self) -> None:
-        if self.bits not in _CLASS_BITS:
+        classes = ", ".join(map(str, _CLASS_BITS))
+        for name in ("bits", "key_bits", "value_bits"):
+            b = getattr(self, name)
+            if (b is not None or name == "bits") and b not in _CLASS_BITS:
+                raise ArgumentError(f"{name}: expected one of {classes}, got {b!r}")
+        if self.key_bits is not None:
+            object.__setattr__(self, "bits", self.key_bits)
+        if self.value_bits is not None and (self.value_bits == 16) != (self.bits == 16):
             raise ArgumentError(
-                f"bits: expected one of {', '.join(map(str, _CLASS_BITS))}, got {self.bits!r}"
+                f"value_bits: expected 16 with 16-bit keys, a quantized width with "
+                f"{self.bits}-bit keys, got {self.value_bits}"
             )
         if self.key_layout not in ("per_token", "per_channel"):
             raise ArgumentError(

@@ -125,6 +125,7 @@ def _paged_write(
     layer: int = 0,
     rope_inv_freq: Any = None,
     rope_scaling: float = 1.0,
+    device: str | None = None,
 ) -> None: ...
 def _paged_attend(
     pool: Any,
@@ -144,6 +145,8 @@ def _paged_attend(
     return_lse: bool = False,
     rope_inv_freq: Any = None,
     rope_scaling: float = 1.0,
+    max_query_len: int | None = None,
+    device: str | None = None,
 ) -> Any: ...
 
 class PageBuffer:

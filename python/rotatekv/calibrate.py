@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import KVStore, QuantConfig, RotationPlan, hadamard
-from ._rotatekv import ArgumentError, FormatError
+from ._rotatekv import _CLASS_BITS, ArgumentError, FormatError
 from .hf import LayerRope, ModelSpec, model_spec, unrope
 
 META_KEY = "rotatekv.calibration"
@@ -115,7 +115,7 @@ class Calibration:
         if lbits is not None and (
             not isinstance(lbits, list)
             or len(lbits) != plan.num_layers
-            or any(x not in (2, 3, 4, 8) for x in lbits)
+            or any(x not in _CLASS_BITS or x == 16 for x in lbits)
         ):
             raise FormatError(f"path: damaged layer bits in {os.fspath(path)!r}")
         return Calibration(plan, th, m.get("settings", {}), m.get("report", []), layouts, lbits)

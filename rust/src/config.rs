@@ -42,8 +42,11 @@ impl KeyLayout {
 /// Quantization settings of a store.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantConfig {
-    /// Default bits of a token (2, 3, 4, 8 or 16).
+    /// Default bits of a token (2, 3, 4, 8 or 16): the key width of its class.
     pub bits: u8,
+    /// Value width of tokens in the default class (`k4v2`: `bits` 4, `value_bits` 2; keys
+    /// usually need more); `None`: `bits`. Other classes keep one width for both.
+    pub value_bits: Option<u8>,
     /// Channels per group; `None`: the head dim.
     pub group_size: Option<usize>,
     /// Key clip ratio; `None`: the plan's per-layer value.
@@ -60,10 +63,21 @@ pub struct QuantConfig {
     pub fp_format: FpFormat,
 }
 
+impl QuantConfig {
+    /// The value width of class `bits`: `value_bits` for the default class, else `bits`.
+    pub fn value_width(&self, bits: u8) -> u8 {
+        match self.value_bits {
+            Some(vb) if bits == self.bits => vb,
+            _ => bits,
+        }
+    }
+}
+
 impl Default for QuantConfig {
     fn default() -> Self {
         QuantConfig {
             bits: 2,
+            value_bits: None,
             group_size: None,
             key_clip: None,
             value_clip: None,
@@ -145,6 +159,30 @@ pub fn check_dims(heads: usize, d: usize) -> Result<()> {
     Ok(())
 }
 
+/// Checks the shape of a store (layers, sequences, KV heads, head dim) before anything of
+/// that size is built (the binding calls it before making a default plan).
+pub fn check_store_shape(num_layers: usize, batch: usize, heads: usize, d: usize) -> Result<()> {
+    check_dims(heads, d)?;
+    if batch == 0 || batch > 1 << 20 {
+        return Err(Error::value("batch_size", "1 ..= 2^20", batch.to_string()));
+    }
+    if num_layers == 0 || num_layers > 1 << 16 {
+        return Err(Error::value(
+            "num_layers",
+            "1 ..= 65536",
+            num_layers.to_string(),
+        ));
+    }
+    if num_layers.saturating_mul(batch) > 1 << 22 {
+        return Err(Error::value(
+            "batch_size",
+            "num_layers * batch_size <= 2^22",
+            format!("{num_layers} * {batch}"),
+        ));
+    }
+    Ok(())
+}
+
 impl Meta {
     /// The description of a store: every check of shapes, settings, plan and RoPE is here,
     /// once, for the store and (through [`Meta::for_blocks`]) the pools.
@@ -157,23 +195,7 @@ impl Meta {
         plan: RotationPlan,
         rope: Option<Rope>,
     ) -> Result<Meta> {
-        if batch == 0 || batch > 1 << 20 {
-            return Err(Error::value("batch_size", "1 ..= 2^20", batch.to_string()));
-        }
-        if num_layers == 0 || num_layers > 1 << 16 {
-            return Err(Error::value(
-                "num_layers",
-                "1 ..= 65536",
-                num_layers.to_string(),
-            ));
-        }
-        if num_layers.saturating_mul(batch) > 1 << 22 {
-            return Err(Error::value(
-                "batch_size",
-                "num_layers * batch_size <= 2^22",
-                format!("{num_layers} * {batch}"),
-            ));
-        }
+        check_store_shape(num_layers, batch, heads, d)?;
         Self::build(num_layers, batch, heads, d, cfg, plan, rope, true)
     }
 
@@ -214,6 +236,19 @@ impl Meta {
     ) -> Result<Meta> {
         check_dims(heads, d)?;
         check_bits("bits", cfg.bits)?;
+        if let Some(vb) = cfg.value_bits {
+            check_bits("value_bits", vb)?;
+            if (vb == 16) != (cfg.bits == 16) {
+                return Err(Error::value(
+                    "value_bits",
+                    format!(
+                        "16 with 16-bit keys, a quantized width with {}-bit keys",
+                        cfg.bits
+                    ),
+                    vb.to_string(),
+                ));
+            }
+        }
         if (plan.num_layers, plan.num_kv_heads, plan.head_dim) != (num_layers, heads, d) {
             return Err(Error::value(
                 "plan",
@@ -285,10 +320,11 @@ impl Meta {
         let layouts = CLASS_BITS
             .iter()
             .map(|&b| {
+                let vb = cfg.value_width(b);
                 if header {
-                    Layout::new(b, per_channel, cap, heads, d, group)
+                    Layout::new(b, vb, per_channel, cap, heads, d, group)
                 } else {
-                    Layout::block(b, b, cap, heads, d, group)
+                    Layout::block(b, vb, cap, heads, d, group)
                 }
             })
             .collect();

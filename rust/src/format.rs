@@ -189,16 +189,18 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// The layout of a store page: the positions-and-tags header, then one block.
+    /// The layout of a store page: the positions-and-tags header, then one block (keys
+    /// `bits` wide, values `vbits`).
     pub fn new(
         bits: u8,
+        vbits: u8,
         per_channel: bool,
         cap: usize,
         heads: usize,
         d: usize,
         group: usize,
     ) -> Self {
-        Self::with_header(true, bits, bits, per_channel, cap, heads, d, group)
+        Self::with_header(true, bits, vbits, per_channel, cap, heads, d, group)
     }
 
     /// The layout of a bare block (no header: positions are implied by the block table),
@@ -334,7 +336,7 @@ mod tests {
     #[test]
     fn layout_offsets_match_the_documented_table() {
         // 2 bits, cap 64, 8 heads of 128, group 128 (the benchmark shape).
-        let l = Layout::new(2, false, 64, 8, 128, 128);
+        let l = Layout::new(2, 2, false, 64, 8, 128, 128);
         assert_eq!(l.tag_off, 256);
         assert_eq!(l.head_off, 320);
         assert_eq!(l.k_row, 16);
@@ -350,16 +352,16 @@ mod tests {
         let bits = l.token_payload_bytes() * 8.0 / (8.0 * 128.0 * 2.0);
         assert!((bits - (2.25 + 40.0 / 2048.0)).abs() < 1e-9, "{bits}");
         // 16 bits: keys [D][cap], values [cap][D].
-        let l = Layout::new(16, false, 32, 3, 64, 64);
+        let l = Layout::new(16, 16, false, 32, 3, 64, 64);
         assert_eq!(l.v_codes, 64 * 64);
         assert_eq!(l.head_bytes, 2 * 64 * 32 * 2);
         // Per-channel keys: scale and zero per channel.
-        let l = Layout::new(2, true, 32, 1, 64, 32);
+        let l = Layout::new(2, 2, true, 32, 1, 64, 32);
         assert_eq!(l.k_row, 8);
         assert_eq!(l.k_zero - l.k_scale, 128);
         assert_eq!(l.v_codes, 512 + 256);
         // A bare block: the page less its header, same head blocks.
-        let p = Layout::new(2, false, 64, 8, 128, 128);
+        let p = Layout::new(2, 2, false, 64, 8, 128, 128);
         let b = Layout::block(2, 2, 64, 8, 128, 128);
         assert_eq!((b.head_off, b.tag_off), (0, 0));
         assert_eq!(b.total, p.total - p.head_off);

@@ -10,14 +10,22 @@
 //! it is given, and one block is written by one thread, so codes of neighbouring slots that
 //! share a byte are never clobbered.
 //!
-//! Attention runs the store's kernel ([`crate::attend`]) over [`PageView`]s of the blocks.
+//! Attention runs the store's kernel ([`crate::attend`]) over [`PageView`]s of the blocks;
+//! pools in device memory run the store's CUDA kernels ([`crate::cuda::launch`]), which read
+//! the slot mapping and block tables on the device.
 
 use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use crate::attend::{self, Job, Options, Queries};
+use std::sync::Arc;
+
+use crate::attend::{self, Job, Masking, Options, Queries};
 use crate::config::{KeyLayout, Meta, QuantConfig};
+use crate::cuda::abi::RkvLayout;
+use crate::cuda::backend::Backend;
+use crate::cuda::launch::{self, AttendIo, KvSource, PoolRef, PoolTables, PoolWrite};
+use crate::device::DevTensor;
 use crate::error::{Error, Result};
 use crate::format::{check_bits, FpFormat, Layout};
 use crate::page::{write_fp, write_quant_per_token, Chunk, PageView, Positions};
@@ -100,6 +108,7 @@ impl BlockFormat {
     fn config(bits: u8, block_size: usize, group: Option<usize>, fp: FpFormat) -> QuantConfig {
         QuantConfig {
             bits,
+            value_bits: None,
             group_size: group,
             key_clip: None,
             value_clip: None,
@@ -195,6 +204,7 @@ pub fn write(pool: &mut [u8], fmt: &BlockFormat, m: &Meta, a: &WriteArgs) -> Res
         ));
     }
     let pre_rope = m.plan.mode == Mode::PreRope;
+    check_rope_inputs(m, a.positions.is_some())?;
     let positions = match (a.positions, pre_rope) {
         (Some(p), _) if p.len() != t => {
             return Err(Error::shape(
@@ -267,13 +277,7 @@ pub fn write(pool: &mut [u8], fmt: &BlockFormat, m: &Meta, a: &WriteArgs) -> Res
         }
     }
     if pre_rope {
-        let rope = m.rope.as_ref().ok_or_else(|| {
-            Error::value(
-                "rope_inv_freq",
-                "the model's RoPE inverse frequencies (the plan's mode is 'pre_rope')",
-                "None",
-            )
-        })?;
+        let rope = m.rope.as_ref().expect("checked above");
         let p = positions.expect("checked above");
         for (tok, &pos) in k.chunks_exact_mut(hd).zip(p) {
             for head in tok.chunks_exact_mut(d) {
@@ -339,6 +343,72 @@ pub fn write(pool: &mut [u8], fmt: &BlockFormat, m: &Meta, a: &WriteArgs) -> Res
     Ok(())
 }
 
+/// The rule of pre-RoPE plans: keys arrive after RoPE, so a write needs their positions and
+/// the model's RoPE to undo it.
+fn check_rope_inputs(m: &Meta, positions_given: bool) -> Result<()> {
+    if m.plan.mode != Mode::PreRope {
+        return Ok(());
+    }
+    if !positions_given {
+        return Err(Error::value(
+            "positions",
+            "the tokens' RoPE positions (the plan's mode is 'pre_rope')",
+            "None",
+        ));
+    }
+    if m.rope.is_none() {
+        return Err(Error::value(
+            "rope_inv_freq",
+            "the model's RoPE inverse frequencies (the plan's mode is 'pre_rope')",
+            "None",
+        ));
+    }
+    Ok(())
+}
+
+/// The checks of an attention call that need no table values (host and device alike):
+/// queries `[1, Tq, Hq, D]`, `B` requests, table and offset lengths, options.
+fn check_attend_shapes(
+    fmt: &BlockFormat,
+    q_shape: [usize; 4],
+    opts: &Options,
+    b: usize,
+    qsl_len: usize,
+    table_len: usize,
+    max_blocks: usize,
+) -> Result<Masking> {
+    let [one, _, hq, d] = q_shape;
+    if one != 1 || d != fmt.d || hq == 0 || hq % fmt.heads != 0 {
+        return Err(Error::shape(
+            "q",
+            format!("[Tq, Hq (a multiple of {}), D={}]", fmt.heads, fmt.d),
+            format!("{:?}", &q_shape[1..]),
+        ));
+    }
+    if opts.positions.is_some() {
+        return Err(Error::value(
+            "positions",
+            "None (a pool's positions are token indices)",
+            "given",
+        ));
+    }
+    if qsl_len != b + 1 {
+        return Err(Error::shape(
+            "query_start_loc",
+            format!("[B + 1 = {}] (B from seq_lens)", b + 1),
+            format!("{qsl_len} elements"),
+        ));
+    }
+    if table_len != b * max_blocks {
+        return Err(Error::shape(
+            "block_table",
+            format!("[B={b}, max_blocks]"),
+            format!("{table_len} elements"),
+        ));
+    }
+    attend::check_options(opts, d)
+}
+
 /// What [`attend`] takes besides the pool.
 #[derive(Clone, Copy, Debug)]
 pub struct AttendArgs<'a> {
@@ -370,36 +440,17 @@ pub fn attend(
 ) -> Result<()> {
     let nb = num_blocks(fmt, pool.len())?;
     let [_, tq_total, hq, d] = a.q.shape;
-    if a.q.shape[0] != 1 || d != fmt.d || hq == 0 || hq % fmt.heads != 0 {
-        return Err(Error::shape(
-            "q",
-            format!("[Tq, Hq (a multiple of {}), D={}]", fmt.heads, fmt.d),
-            format!("{:?}", &a.q.shape[1..]),
-        ));
-    }
-    if a.opts.positions.is_some() {
-        return Err(Error::value(
-            "positions",
-            "None (a pool's positions are token indices)",
-            "given",
-        ));
-    }
     let b = a.seq_lens.len();
+    let masking = check_attend_shapes(
+        fmt,
+        a.q.shape,
+        &a.opts,
+        b,
+        a.query_start_loc.len(),
+        a.block_table.len(),
+        a.max_blocks,
+    )?;
     let qsl = a.query_start_loc;
-    if qsl.len() != b + 1 {
-        return Err(Error::shape(
-            "query_start_loc",
-            format!("[B + 1 = {}] (B from seq_lens)", b + 1),
-            format!("{} elements", qsl.len()),
-        ));
-    }
-    if a.block_table.len() != b * a.max_blocks {
-        return Err(Error::shape(
-            "block_table",
-            format!("[B={b}, max_blocks]"),
-            format!("{} elements", a.block_table.len()),
-        ));
-    }
     if qsl[0] != 0 || qsl[b] != tq_total as i64 || qsl.windows(2).any(|w| w[1] < w[0]) {
         return Err(Error::value(
             "query_start_loc",
@@ -468,7 +519,6 @@ pub fn attend(
         }
         pages.push(views);
     }
-    let masking = attend::check_options(&a.opts, d)?;
     let q = attend::dense_queries(&rows, d, masking.scale, |b, h, t, row| {
         a.q.read_row(0, qsl[b] as usize + t, h, row)
     })?;
@@ -483,4 +533,135 @@ pub fn attend(
         masking,
     };
     attend::run(level, &job, q, out, lse)
+}
+
+/// The layer's permutation and RoPE frequencies in device memory for one call (a pool has no
+/// store to keep them; they are a few KiB).
+struct LayerConsts<'a> {
+    bk: &'a Arc<dyn Backend>,
+    perm: u64,
+    inv_freq: u64,
+}
+
+impl<'a> LayerConsts<'a> {
+    fn upload(bk: &'a Arc<dyn Backend>, m: &Meta) -> Result<Self> {
+        let mut c = LayerConsts {
+            bk,
+            perm: 0,
+            inv_freq: 0,
+        };
+        let perm: &[u32] = &m.plan.key_perm[0];
+        c.perm = bk.temp((perm.len() * 4).max(4))?;
+        bk.h2d(c.perm, bytemuck::cast_slice(perm))?;
+        if let Some(r) = &m.rope {
+            c.inv_freq = bk.temp(r.inv_freq.len() * 4)?;
+            bk.h2d(c.inv_freq, bytemuck::cast_slice(&r.inv_freq))?;
+        }
+        Ok(c)
+    }
+}
+
+impl Drop for LayerConsts<'_> {
+    fn drop(&mut self) {
+        for p in [self.perm, self.inv_freq] {
+            if p != 0 {
+                self.bk.free_temp(p);
+            }
+        }
+    }
+}
+
+fn pool_ref(fmt: &BlockFormat, pool: u64, num_blocks: usize) -> PoolRef {
+    PoolRef {
+        pool,
+        num_blocks,
+        block_bytes: fmt.block_bytes(),
+        block_size: fmt.block_size,
+        layout: RkvLayout::from(&fmt.layout),
+    }
+}
+
+/// [`write`] for a pool in device memory (`num_blocks` blocks at `pool`), on the backend's
+/// current stream. The slot mapping and positions stay on the device: slots outside the
+/// pool are skipped there rather than refused (checking them would wait for the device).
+pub fn write_device(
+    bk: &Arc<dyn Backend>,
+    fmt: &BlockFormat,
+    m: &Meta,
+    pool: u64,
+    num_blocks: usize,
+    w: &PoolWrite,
+) -> Result<()> {
+    let (h, d, t) = (fmt.heads, fmt.d, w.k.shape[1]);
+    for (name, x) in [("k", w.k), ("v", w.v)] {
+        if x.shape != [1, t, h, d] {
+            return Err(Error::shape(
+                name,
+                format!("[T, Hkv={h}, D={d}] (k and v alike)"),
+                format!("{:?}", &x.shape[1..]),
+            ));
+        }
+    }
+    if w.k.dtype != w.v.dtype {
+        return Err(Error::dtype(
+            "v",
+            format!("k's dtype ({:?})", w.k.dtype),
+            format!("{:?}", w.v.dtype),
+        ));
+    }
+    check_rope_inputs(m, w.positions != 0)?;
+    let c = LayerConsts::upload(bk, m)?;
+    launch::paged_write(
+        bk,
+        m,
+        &pool_ref(fmt, pool, num_blocks),
+        w,
+        c.perm,
+        c.inv_freq,
+    )
+}
+
+/// [`attend`] for a pool and block tables in device memory, on the backend's current
+/// stream: `q` and `out` are `[1, Tq_total, Hq, D]`, `lse` (optional) float32
+/// `[Tq_total, Hq]`. The tables are read on the device (block ids outside the pool read as
+/// no tokens; a request's rows past `max_query_len` are not computed).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_device(
+    bk: &Arc<dyn Backend>,
+    fmt: &BlockFormat,
+    m: &Meta,
+    pool: u64,
+    num_blocks: usize,
+    tables: &PoolTables,
+    q: &DevTensor,
+    out: &DevTensor,
+    lse: Option<&DevTensor>,
+    opts: &Options,
+) -> Result<()> {
+    let mk = check_attend_shapes(
+        fmt,
+        q.shape,
+        opts,
+        tables.batch,
+        tables.batch + 1,
+        tables.batch * tables.max_blocks,
+        tables.max_blocks,
+    )?;
+    if out.shape != q.shape {
+        return Err(Error::shape(
+            "out",
+            format!("q's shape {:?}", &q.shape[1..]),
+            format!("{:?}", &out.shape[1..]),
+        ));
+    }
+    let c = LayerConsts::upload(bk, m)?;
+    let io = AttendIo {
+        q,
+        out,
+        lse,
+        perm: c.perm,
+        inv_freq: c.inv_freq,
+    };
+    let src = KvSource::Pool(pool_ref(fmt, pool, num_blocks), *tables);
+    launch::attend(bk, m, &src, &io, opts.causal, opts.softcap, &mk)
 }

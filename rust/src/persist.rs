@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use crate::config::{KeyLayout, QuantConfig};
 use crate::error::{Error, Result};
-use crate::format::{FpFormat, Layout};
+use crate::format::{class_of, FpFormat, Layout};
 use crate::io::{fnv1a64, write_atomic};
 use crate::page::Page;
 use crate::rope::Rope;
@@ -98,7 +98,7 @@ pub fn to_bytes(store: &KVStore, name: &str) -> Result<Vec<u8>> {
     let c = &m.cfg;
     let header = json!({
         "num_layers": m.num_layers, "batch": m.batch, "heads": m.heads, "head_dim": m.d,
-        "bits": c.bits, "group_size": m.group, "key_clip": c.key_clip, "value_clip": c.value_clip,
+        "bits": c.bits, "value_bits": c.value_bits, "group_size": m.group, "key_clip": c.key_clip, "value_clip": c.value_clip,
         "residual": c.residual, "key_layout": c.key_layout.as_str(), "page_tokens": m.cap,
         "fp_format": c.fp_format.as_str(),
         "plan": {"mode": plan.mode.as_str(), "group_heads": plan.group_heads, "rotate_values": plan.rotate_values},
@@ -214,6 +214,8 @@ pub fn from_bytes(bytes: &[u8], name: &str) -> Result<KVStore> {
     let clip = |k: &str| h.get(k).and_then(Value::as_f64).map(|x| x as f32);
     let cfg = QuantConfig {
         bits: uint(&h, "bits")? as u8,
+        // Absent in files written before keys and values had their own widths.
+        value_bits: h.get("value_bits").and_then(Value::as_u64).map(|v| v as u8),
         group_size: Some(uint(&h, "group_size")?),
         key_clip: clip("key_clip"),
         value_clip: clip("value_clip"),
@@ -319,7 +321,7 @@ pub fn from_bytes(bytes: &[u8], name: &str) -> Result<KVStore> {
             if !used.insert(idx) {
                 return Err(bad(format!("page {idx} listed twice")));
             }
-            if ![2usize, 3, 4, 8, 16].contains(&bits) || (window && bits != 16) {
+            if u8::try_from(bits).ok().and_then(class_of).is_none() || (window && bits != 16) {
                 return Err(bad(format!("page {idx}: bits {bits}")));
             }
             let lay = store.meta.layout(bits as u8).clone();
@@ -351,7 +353,7 @@ pub fn from_bytes(bytes: &[u8], name: &str) -> Result<KVStore> {
             if window
                 && page.tags()[start..len]
                     .iter()
-                    .any(|t| ![2, 3, 4, 8].contains(t))
+                    .any(|&t| t >= 16 || class_of(t).is_none())
             {
                 return Err(bad(format!("page {idx}: a window tag is not a bit width")));
             }

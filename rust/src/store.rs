@@ -22,7 +22,7 @@ use crate::attend::{self, AttendArgs, Job, Masking, Options, Queries};
 use crate::config::{KeyLayout, Meta, QuantConfig};
 use crate::cuda::abi::{self, dtype_code, RkvDst, RkvSrc};
 use crate::cuda::backend::Backend;
-use crate::cuda::launch::{AttendIo, PageList};
+use crate::cuda::launch::{AttendIo, KvSource, PageList};
 use crate::device::{DevBuf, DevTensor};
 use crate::error::{Error, Result};
 use crate::format::{check_bits, class_index, FpFormat, Layout, NUM_CLASSES};
@@ -422,8 +422,7 @@ impl KVStore {
         crate::cuda::launch::attend(
             &dev.backend,
             &self.meta,
-            &list,
-            &qpos,
+            &KvSource::Pages(&list, &qpos),
             &io,
             o.causal,
             o.softcap,
@@ -1319,7 +1318,7 @@ fn flush_device(m: &Meta, dev: &DeviceState, layer: usize, ops: &mut DevOps) -> 
     if ops.dsts.is_empty() {
         return Ok(());
     }
-    let (kclip, vclip) = m.clips(layer);
+    let kclip = m.clips(layer).0;
     let lay = abi::layouts(m);
     let mut temps = Vec::new();
     let res = (|| -> Result<()> {
@@ -1343,12 +1342,7 @@ fn flush_device(m: &Meta, dev: &DeviceState, layer: usize, ops: &mut DevOps) -> 
             heads: m.heads as i32,
             d: m.d as i32,
             group_heads: m.plan.group_heads as i32,
-            rotate_keys: m.plan.rotates_keys() as i32,
-            rotate_values: m.plan.rotate_values as i32,
-            fp_format: abi::fp_code(m.cfg.fp_format),
-            pad: 0,
-            key_clip: kclip,
-            value_clip: vclip,
+            pack: abi::RkvPack::of(m, layer),
             lay,
         };
         let (grid, smem) = abi::append_shape(m, ops.dsts.len());

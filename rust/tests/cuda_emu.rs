@@ -44,6 +44,7 @@ fn struct_sizes_match_the_compiled_header() {
         std::mem::size_of::<RkvCombineParams>(),
         std::mem::size_of::<RkvFwhtParams>(),
         std::mem::size_of::<RkvMassParams>(),
+        std::mem::size_of::<RkvPagedWriteParams>(),
     ];
     let c = emu::c_sizes();
     for (i, (r, c)) in rust.iter().zip(c).enumerate() {
@@ -369,12 +370,14 @@ fn emulate_append(store: &KVStore, layer: usize, chunks: &[Chunk]) -> Vec<Vec<Ve
             heads: h as i32,
             d: d as i32,
             group_heads: m.plan.group_heads as i32,
-            rotate_keys: m.plan.rotates_keys() as i32,
-            rotate_values: m.plan.rotate_values as i32,
-            fp_format: fmt,
-            pad: 0,
-            key_clip: kclip,
-            value_clip: vclip,
+            pack: RkvPack {
+                rotate_keys: m.plan.rotates_keys() as i32,
+                rotate_values: m.plan.rotate_values as i32,
+                fp_format: fmt,
+                pad: 0,
+                key_clip: kclip,
+                value_clip: vclip,
+            },
             lay,
         };
         if !dsts.is_empty() {
@@ -592,8 +595,9 @@ fn emulate_attend(
         rope_scaling: rope.map_or(1.0, |r| r.scaling),
         pad1: 0.0,
         lay: layouts(m),
+        ..Default::default()
     };
-    let grid = attend_grid(m, hq, tq, rows, splits);
+    let grid = attend_grid(m, m.batch, hq, tq, rows, splits);
     // SAFETY: q, pages (the store's own page bytes, alive for this call), offsets,
     // positions, perm, inv_freq and work are live host buffers of the sizes described.
     unsafe { emu::attend(&p, grid, smem) };
@@ -602,6 +606,7 @@ fn emulate_attend(
         work: work.as_ptr() as u64,
         out: out.as_mut_ptr() as u64,
         lse: 0,
+        query_start: 0,
         o_s: [(hq * tq * d) as i64, (tq * d) as i64, d as i64, 1],
         batch: m.batch as i32,
         hq: hq as i32,

@@ -42,13 +42,11 @@ pub struct RkvLayout {
     pub v_scale: i32,
     pub v_zero: i32,
     pub total: i32,
-    pub pad: i32,
+    pub vbits: i32,
 }
 
 impl From<&Layout> for RkvLayout {
     fn from(l: &Layout) -> Self {
-        // The CUDA kernels read one width for keys and values (store pages).
-        debug_assert_eq!(l.bits, l.vbits);
         let i = |x: usize| x as i32;
         RkvLayout {
             bits: l.bits as i32,
@@ -68,7 +66,7 @@ impl From<&Layout> for RkvLayout {
             v_scale: i(l.v_scale),
             v_zero: i(l.v_zero),
             total: i(l.total),
-            pad: 0,
+            vbits: l.vbits as i32,
         }
     }
 }
@@ -114,6 +112,35 @@ pub struct RkvDst {
     pub pad: i32,
 }
 
+/// How a layer's tokens are packed (`RkvPack`): the plan's transforms, the 16-bit format
+/// and the clips.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct RkvPack {
+    pub rotate_keys: i32,
+    pub rotate_values: i32,
+    pub fp_format: i32,
+    pub pad: i32,
+    pub key_clip: f32,
+    pub value_clip: f32,
+}
+
+impl RkvPack {
+    /// The packing of layer `layer` of a store or pool.
+    pub fn of(m: &Meta, layer: usize) -> Self {
+        let (key_clip, value_clip) = m.clips(layer);
+        RkvPack {
+            rotate_keys: m.plan.rotates_keys() as i32,
+            rotate_values: m.plan.rotate_values as i32,
+            fp_format: fp_code(m.cfg.fp_format),
+            pad: 0,
+            key_clip,
+            value_clip,
+        }
+    }
+}
+
 /// `rkv_append` parameters.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -127,12 +154,7 @@ pub struct RkvAppendParams {
     pub heads: i32,
     pub d: i32,
     pub group_heads: i32,
-    pub rotate_keys: i32,
-    pub rotate_values: i32,
-    pub fp_format: i32,
-    pub pad: i32,
-    pub key_clip: f32,
-    pub value_clip: f32,
+    pub pack: RkvPack,
     pub lay: [RkvLayout; NUM_CLASSES],
 }
 
@@ -161,6 +183,15 @@ pub struct RkvAttendParams {
     pub pages: u64,
     pub page_off: u64,
     pub qpos: u64,
+    pub pool: u64,
+    pub block_table: u64,
+    pub seq_lens: u64,
+    pub query_start: u64,
+    pub block_bytes: i64,
+    pub num_blocks: i32,
+    pub max_blocks: i32,
+    pub block_size: i32,
+    pub pad2: i32,
     pub perm: u64,
     pub inv_freq: u64,
     pub work: u64,
@@ -198,6 +229,7 @@ pub struct RkvCombineParams {
     pub work: u64,
     pub out: u64,
     pub lse: u64,
+    pub query_start: u64,
     pub o_s: [i64; 4],
     pub batch: i32,
     pub hq: i32,
@@ -207,6 +239,38 @@ pub struct RkvCombineParams {
     pub o_dtype: i32,
     pub rotate_values: i32,
     pub pad: i32,
+}
+
+/// `rkv_paged_write` parameters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+#[allow(missing_docs)]
+pub struct RkvPagedWriteParams {
+    pub k: u64,
+    pub v: u64,
+    pub slots: u64,
+    pub positions: u64,
+    pub pool: u64,
+    pub perm: u64,
+    pub inv_freq: u64,
+    pub k_s: [i64; 3],
+    pub v_s: [i64; 3],
+    pub block_bytes: i64,
+    pub num_slots: i64,
+    pub n_tok: i32,
+    pub heads: i32,
+    pub d: i32,
+    pub group_heads: i32,
+    pub dtype: i32,
+    pub slots_i64: i32,
+    pub pos_i64: i32,
+    pub block_size: i32,
+    pub mode: i32,
+    pub rot_half: i32,
+    pub pack: RkvPack,
+    pub rope_scaling: f32,
+    pub pad1: f32,
+    pub lay: RkvLayout,
 }
 
 /// `rkv_fwht` parameters.
@@ -319,9 +383,10 @@ pub fn attend_tiles(meta: &Meta, hq: usize, tq: usize) -> (usize, usize, usize) 
     }
 }
 
-/// Grid of `rkv_attend` for `splits` page ranges per sequence.
+/// Grid of `rkv_attend` for `batch` sequences and `splits` page ranges per sequence.
 pub fn attend_grid(
     meta: &Meta,
+    batch: usize,
     hq: usize,
     tq: usize,
     rows_per_block: usize,
@@ -332,7 +397,7 @@ pub fn attend_grid(
     [
         splits as u32,
         (groups * rows_g.div_ceil(rows_per_block)) as u32,
-        meta.batch as u32,
+        batch as u32,
     ]
 }
 
@@ -350,13 +415,15 @@ const _: () = {
     use std::mem::size_of;
     const L: usize = NUM_CLASSES * 72;
     assert!(size_of::<RkvLayout>() == 72);
+    assert!(size_of::<RkvPack>() == 24);
     assert!(size_of::<RkvPage>() == 24);
     assert!(size_of::<RkvSrc>() == 56);
     assert!(size_of::<RkvDst>() == 32);
     assert!(size_of::<RkvAppendParams>() == 72 + L);
     assert!(size_of::<RkvChannelParams>() == 40 + L);
-    assert!(size_of::<RkvAttendParams>() == 176 + L);
-    assert!(size_of::<RkvCombineParams>() == 88);
+    assert!(size_of::<RkvAttendParams>() == 232 + L);
+    assert!(size_of::<RkvCombineParams>() == 96);
+    assert!(size_of::<RkvPagedWriteParams>() == 264);
     assert!(size_of::<RkvFwhtParams>() == 40);
     assert!(size_of::<RkvMassParams>() == 112);
 };

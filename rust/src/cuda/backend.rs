@@ -23,6 +23,8 @@ pub enum Launch<'a> {
     Fwht(&'a RkvFwhtParams, u64, [u32; 3], usize),
     /// `rkv_append(p)`.
     Append(&'a RkvAppendParams, [u32; 3], usize),
+    /// `rkv_paged_write(p)`.
+    PagedWrite(&'a RkvPagedWriteParams, [u32; 3], usize),
     /// `rkv_channel_keys(p)`.
     Channel(&'a RkvChannelParams),
     /// `rkv_attend(p)`.
@@ -140,6 +142,7 @@ impl Backend for EmuBackend {
             match l {
                 Launch::Fwht(p, s, g, m) => emu::fwht(p, s, g[0], m),
                 Launch::Append(p, g, m) => emu::append(p, g, m),
+                Launch::PagedWrite(p, g, m) => emu::paged_write(p, g, m),
                 Launch::Channel(p) => emu::channel_keys(p),
                 Launch::Attend(p, g, m) => emu::attend(p, g, m),
                 Launch::Combine(p) => emu::combine(p),
@@ -194,9 +197,10 @@ pub fn device_count() -> usize {
     result::device::get_count().map_or(0, |n| n.max(0) as usize)
 }
 
-const KERNELS: [(&str, &str); 7] = [
+const KERNELS: [(&str, &str); 8] = [
     ("hadamard.cu", "rkv_fwht"),
     ("quant.cu", "rkv_append"),
+    ("quant.cu", "rkv_paged_write"),
     ("quant.cu", "rkv_channel_keys"),
     ("attend.cu", "rkv_attend"),
     ("attend.cu", "rkv_combine"),
@@ -421,6 +425,7 @@ impl Backend for CudaBackend {
                 self.raw_launch("rkv_fwht", g, m, &mut [arg(p), arg(&scratch)])
             }
             Launch::Append(p, g, m) => self.raw_launch("rkv_append", g, m, &mut [arg(p)]),
+            Launch::PagedWrite(p, g, m) => self.raw_launch("rkv_paged_write", g, m, &mut [arg(p)]),
             Launch::Channel(p) => self.raw_launch(
                 "rkv_channel_keys",
                 [p.n_pages as u32, p.heads as u32, 1],

@@ -6,6 +6,7 @@ use super::abi::*;
 extern "C" {
     fn rkv_emu_fwht(p: *const RkvFwhtParams, scratch: u64, gx: u32, smem: u32);
     fn rkv_emu_append(p: *const RkvAppendParams, gx: u32, gy: u32, smem: u32);
+    fn rkv_emu_paged_write(p: *const RkvPagedWriteParams, gx: u32, gy: u32, smem: u32);
     fn rkv_emu_channel_keys(p: *const RkvChannelParams, gx: u32, gy: u32);
     fn rkv_emu_attend(p: *const RkvAttendParams, gx: u32, gy: u32, gz: u32, smem: u32);
     fn rkv_emu_combine(p: *const RkvCombineParams, gx: u32, gy: u32, smem: u32);
@@ -15,7 +16,7 @@ extern "C" {
 }
 
 /// `sizeof` of the header's structs, in the order of [`super::abi`]'s definitions.
-pub fn c_sizes() -> [u64; 10] {
+pub fn c_sizes() -> [u64; 11] {
     // SAFETY: a pure function of its argument.
     std::array::from_fn(|i| unsafe { rkv_emu_sizeof(i as i32) })
 }
@@ -36,6 +37,15 @@ pub unsafe fn fwht(p: &RkvFwhtParams, scratch: u64, gx: u32, smem: usize) {
 pub unsafe fn append(p: &RkvAppendParams, grid: [u32; 3], smem: usize) {
     // SAFETY: the caller guarantees the buffers.
     unsafe { rkv_emu_append(p, grid[0], grid[1], smem as u32) }
+}
+
+/// Runs `rkv_paged_write`.
+///
+/// # Safety
+/// Every address in `p` must be valid host memory of the sizes `p` implies.
+pub unsafe fn paged_write(p: &RkvPagedWriteParams, grid: [u32; 3], smem: usize) {
+    // SAFETY: the caller guarantees the buffers.
+    unsafe { rkv_emu_paged_write(p, grid[0], grid[1], smem as u32) }
 }
 
 /// Runs `rkv_channel_keys` over `n_pages x heads` blocks.

@@ -25,13 +25,58 @@ pub struct PageList<'a> {
     pub most: usize,
 }
 
+/// A caller-owned pool on the device and the block tables that address it
+/// (`rotatekv.paged`): every address is device memory the kernels read in place, so nothing
+/// is mirrored on the host or uploaded per call.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolRef {
+    /// Pool bytes, `[num_blocks][block_bytes]`.
+    pub pool: u64,
+    /// Blocks in the pool.
+    pub num_blocks: usize,
+    /// Bytes of one block.
+    pub block_bytes: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// The blocks' layout (`crate::format::Layout::block`).
+    pub layout: abi::RkvLayout,
+}
+
+/// Block tables of a paged attention launch (int32 device arrays, as serving engines keep
+/// them).
+#[derive(Clone, Copy, Debug)]
+pub struct PoolTables {
+    /// `[B][max_blocks]` block ids.
+    pub block_table: u64,
+    /// Blocks per row of the table.
+    pub max_blocks: usize,
+    /// `[B]` tokens per request.
+    pub seq_lens: u64,
+    /// `[B + 1]` query offsets.
+    pub query_start: u64,
+    /// Requests.
+    pub batch: usize,
+    /// The most queries of one request (bounds the grid; rows past a request's own are
+    /// skipped on the device).
+    pub max_query_len: usize,
+}
+
+/// Where an attention launch finds its keys and query positions.
+pub enum KvSource<'a> {
+    /// Store pages: descriptors and the lag-shifted query positions `[B*Tq]`, uploaded per
+    /// call (the store's list changes with every append).
+    Pages(&'a PageList<'a>, &'a [i32]),
+    /// A pool through block tables read on the device; positions are token indices.
+    Pool(PoolRef, PoolTables),
+}
+
 /// What a device attention launch writes besides the queries' shape.
 pub struct AttendIo<'a> {
-    /// Queries `[B, Hq, Tq, D]`.
+    /// Queries `[B, Hq, Tq, D]` (pools: `[1, Tq_total, Hq, D]`, token-major).
     pub q: &'a DevTensor,
     /// Output, like `q`.
     pub out: &'a DevTensor,
-    /// Log-sum-exps, contiguous float32 `[B, Hq, Tq]`.
+    /// Log-sum-exps, contiguous float32 `[B, Hq, Tq]` (pools: `[Tq_total, Hq]`).
     pub lse: Option<&'a DevTensor>,
     /// Device permutation of the layer.
     pub perm: u64,
@@ -39,24 +84,51 @@ pub struct AttendIo<'a> {
     pub inv_freq: u64,
 }
 
-/// Fused attention over the pages (split-K over pages, then one combine launch), on the
-/// backend's current stream. `qpos` are the query positions, lag-shifted, `[B*Tq]`.
+fn narrow(name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::value(name, "at most 2^31 - 1", v.to_string()))
+}
+
+/// Fused attention (split-K over pages, then one combine launch), on the backend's current
+/// stream: one kernel for store pages and caller-owned pools.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     bk: &Arc<dyn Backend>,
     m: &Meta,
-    list: &PageList,
-    qpos: &[i32],
+    src: &KvSource,
     io: &AttendIo,
     causal: bool,
     softcap: Option<f32>,
     mk: &Masking,
 ) -> Result<()> {
     let (q, out) = (io.q, io.out);
-    let [b, hq, tq, d] = q.shape;
+    let d = q.shape[3];
+    // Rows are (request, query head, query token): store queries are [B, Hq, Tq, D], a
+    // pool's [1, Tq_total, Hq, D] ragged over requests (strides swapped so the kernel's
+    // q_s[1] is the head stride and q_s[2] the token stride).
+    let (b, hq, tq, most) = match src {
+        KvSource::Pages(list, _) => (q.shape[0], q.shape[1], q.shape[2], list.most),
+        KvSource::Pool(_, t) => (t.batch, q.shape[2], t.max_query_len, t.max_blocks),
+    };
+    let strides = |t: &DevTensor| -> [i64; 4] {
+        let s = t.strides.map(|x| x as i64);
+        match src {
+            KvSource::Pages(..) => s,
+            KvSource::Pool(..) => [0, s[2], s[1], s[3]],
+        }
+    };
+    if b == 0 || tq == 0 || hq == 0 {
+        return Ok(());
+    }
+    if b > 65535 {
+        return Err(Error::shape(
+            "seq_lens",
+            "at most 65535 requests (grid limits)",
+            b.to_string(),
+        ));
+    }
     let (rows, tile, smem) = abi::attend_tiles(m, hq, tq);
-    let base = abi::attend_grid(m, hq, tq, rows, 1);
-    let splits = abi::attend_splits((base[1] * base[2]) as usize, list.most, 2 * bk.sm_count());
+    let base = abi::attend_grid(m, b, hq, tq, rows, 1);
+    let splits = abi::attend_splits((base[1] * base[2]) as usize, most, 2 * bk.sm_count());
     let mut temps = Vec::new();
     let res = (|| -> Result<()> {
         let up = |temps: &mut Vec<u64>, bytes: &[u8]| -> Result<u64> {
@@ -65,25 +137,18 @@ pub fn attend(
             bk.h2d(p, bytes)?;
             Ok(p)
         };
-        let pages_d = up(&mut temps, bytemuck::cast_slice(list.pages))?;
-        let off_d = up(&mut temps, bytemuck::cast_slice(list.off))?;
-        let qpos_d = up(&mut temps, bytemuck::cast_slice(qpos))?;
         let work = bk.temp(b * splits * hq * tq * (d + 2) * 4)?;
         temps.push(work);
         let rope = m.rope.as_ref();
-        let strides = |t: &DevTensor| t.strides.map(|x| x as i64);
-        let p = abi::RkvAttendParams {
+        let mut p = abi::RkvAttendParams {
             q: q.ptr,
-            pages: pages_d,
-            page_off: off_d,
-            qpos: qpos_d,
             perm: io.perm,
             inv_freq: io.inv_freq,
             work,
             q_s: strides(q),
             batch: b as i32,
-            hq: hq as i32,
-            tq: tq as i32,
+            hq: narrow("q", hq)?,
+            tq: narrow("q", tq)?,
             d: d as i32,
             heads: m.heads as i32,
             group_heads: m.plan.group_heads as i32,
@@ -98,19 +163,39 @@ pub fn attend(
             splits: splits as i32,
             rows_per_block: rows as i32,
             tile_tokens: tile as i32,
-            pad0: 0,
             scale: mk.scale,
             softcap: softcap.unwrap_or(0.0),
             rope_scaling: rope.map_or(1.0, |r| r.scaling),
-            pad1: 0.0,
             lay: abi::layouts(m),
+            ..Default::default()
         };
-        let grid = abi::attend_grid(m, hq, tq, rows, splits);
+        let mut query_start = 0;
+        match src {
+            KvSource::Pages(list, qpos) => {
+                p.pages = up(&mut temps, bytemuck::cast_slice(list.pages))?;
+                p.page_off = up(&mut temps, bytemuck::cast_slice(list.off))?;
+                p.qpos = up(&mut temps, bytemuck::cast_slice(qpos))?;
+            }
+            KvSource::Pool(pool, t) => {
+                p.pool = pool.pool;
+                p.block_table = t.block_table;
+                p.seq_lens = t.seq_lens;
+                p.query_start = t.query_start;
+                p.block_bytes = pool.block_bytes as i64;
+                p.num_blocks = narrow("pool", pool.num_blocks)?;
+                p.max_blocks = narrow("block_table", t.max_blocks)?;
+                p.block_size = pool.block_size as i32;
+                p.lay[0] = pool.layout;
+                query_start = t.query_start;
+            }
+        }
+        let grid = abi::attend_grid(m, b, hq, tq, rows, splits);
         bk.launch(Launch::Attend(&p, grid, smem))?;
         let c = abi::RkvCombineParams {
             work,
             out: out.ptr,
             lse: io.lse.map_or(0, |l| l.ptr),
+            query_start,
             o_s: strides(out),
             batch: b as i32,
             hq: hq as i32,
@@ -127,6 +212,78 @@ pub fn attend(
         bk.free_temp(t);
     }
     res
+}
+
+/// Tokens of a paged write: keys and values `[1, T, H, D]` (token-major) and their slot
+/// mapping and positions, device arrays of int32 or int64.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolWrite<'a> {
+    /// Keys, after RoPE.
+    pub k: &'a DevTensor,
+    /// Values.
+    pub v: &'a DevTensor,
+    /// `[T]` slots (-1: padding).
+    pub slots: u64,
+    /// Whether `slots` is int64.
+    pub slots_i64: bool,
+    /// `[T]` RoPE positions (pre-RoPE plans), or 0.
+    pub positions: u64,
+    /// Whether `positions` is int64.
+    pub pos_i64: bool,
+}
+
+/// Quantizes and packs tokens into a pool (layer 0 of `m`), on the
+/// backend's current stream. Slots are read on the device: slots outside the pool are
+/// skipped there. `perm`, `inv_freq`: device arrays of the layer (as for [`attend`]).
+pub fn paged_write(
+    bk: &Arc<dyn Backend>,
+    m: &Meta,
+    pool: &PoolRef,
+    w: &PoolWrite,
+    perm: u64,
+    inv_freq: u64,
+) -> Result<()> {
+    let t = w.k.shape[1];
+    if t == 0 {
+        return Ok(());
+    }
+    let s3 = |x: &DevTensor| {
+        [
+            x.strides[1] as i64,
+            x.strides[2] as i64,
+            x.strides[3] as i64,
+        ]
+    };
+    let rope = m.rope.as_ref();
+    let p = abi::RkvPagedWriteParams {
+        k: w.k.ptr,
+        v: w.v.ptr,
+        slots: w.slots,
+        positions: w.positions,
+        pool: pool.pool,
+        perm,
+        inv_freq,
+        k_s: s3(w.k),
+        v_s: s3(w.v),
+        block_bytes: pool.block_bytes as i64,
+        num_slots: (pool.num_blocks * pool.block_size) as i64,
+        n_tok: narrow("k", t)?,
+        heads: m.heads as i32,
+        d: m.d as i32,
+        group_heads: m.plan.group_heads as i32,
+        dtype: dtype_code(w.k.dtype),
+        slots_i64: w.slots_i64 as i32,
+        pos_i64: w.pos_i64 as i32,
+        block_size: pool.block_size as i32,
+        mode: abi::mode_code(m.plan.mode),
+        rot_half: rope.map_or(0, |r| r.half() as i32),
+        pack: abi::RkvPack::of(m, 0),
+        rope_scaling: rope.map_or(1.0, |r| r.scaling),
+        pad1: 0.0,
+        lay: pool.layout,
+    };
+    let (grid, smem) = abi::append_shape(m, t);
+    bk.launch(Launch::PagedWrite(&p, grid, smem))
 }
 
 /// `y[r] = H x[r]` (or `Hᵀ`) for `rows` contiguous rows of `n` elements.

@@ -13,8 +13,8 @@ use super::device::{backend_for, dev_tensor, guard, use_torch_stream};
 use super::dlpack::export_page;
 use super::errors::{arg_err, dtype_err, shape_err, to_py};
 use crate::attend::AttendArgs;
-use crate::config::{KeyLayout, QuantConfig};
-use crate::format::FpFormat;
+use crate::config::{check_store_shape, KeyLayout, QuantConfig};
+use crate::format::{class_of, classes_str, FpFormat};
 use crate::page::Page;
 use crate::rope::Rope;
 use crate::rotation::{Mode, RotationPlan};
@@ -440,8 +440,10 @@ pub struct PyStore {
 fn cfg_from(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<QuantConfig> {
     let mut cfg = QuantConfig::default();
     let Some(c) = config else { return Ok(cfg) };
-    const FIELDS: [&str; 8] = [
+    const FIELDS: [&str; 10] = [
         "bits",
+        "key_bits",
+        "value_bits",
         "group_size",
         "key_clip",
         "value_clip",
@@ -481,12 +483,24 @@ fn cfg_from(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<Quant
             ),
         )
     };
+    // `key_bits` overrides `bits` (the default class is named by its key width);
+    // `value_bits` gives that class's values their own width.
+    let classes = format!("one of {}", classes_str());
+    let width = |name: &str, v: &Bound<'_, PyAny>| -> PyResult<u8> {
+        let b: i64 = v.extract().map_err(|_| wrong(name, "an int", v))?;
+        u8::try_from(b)
+            .ok()
+            .filter(|b| class_of(*b).is_some())
+            .ok_or_else(|| wrong(name, &classes, v))
+    };
     if let Some(v) = get("bits")? {
-        let b: i64 = v.extract().map_err(|_| wrong("bits", "an int", &v))?;
-        if ![2, 3, 4, 8, 16].contains(&b) {
-            return Err(wrong("bits", "one of 2, 3, 4, 8, 16", &v));
-        }
-        cfg.bits = b as u8;
+        cfg.bits = width("bits", &v)?;
+    }
+    if let Some(v) = get("key_bits")? {
+        cfg.bits = width("key_bits", &v)?;
+    }
+    if let Some(v) = get("value_bits")? {
+        cfg.value_bits = Some(width("value_bits", &v)?);
     }
     if let Some(v) = get("group_size")? {
         let g: i64 = v
@@ -576,10 +590,11 @@ fn token_arrays(
         Some(p) => {
             let (v, shape) = int_array(py, p, "bits")?;
             check_2d(py, "bits", &shape, batch, t, false)?;
-            if let Some(x) = v.iter().find(|x| ![2, 3, 4, 8, 16].contains(*x)) {
+            let known = |x: i64| u8::try_from(x).ok().and_then(class_of).is_some();
+            if let Some(x) = v.iter().find(|x| !known(**x)) {
                 return Err(arg_err(
                     py,
-                    format!("bits: expected values in {{2, 3, 4, 8, 16}}, got {x}"),
+                    format!("bits: expected values in {{{}}}, got {x}", classes_str()),
                 ));
             }
             Some(v.iter().map(|&x| x as u8).collect())
@@ -787,25 +802,16 @@ impl PyStore {
                 ));
             }
         }
-        for (name, v, max) in [
-            ("num_layers", num_layers, 1 << 16),
-            ("num_kv_heads", num_kv_heads, 4096),
-            ("head_dim", head_dim, 4096),
-            ("batch_size", batch_size, 1 << 20),
-        ] {
-            if v > max {
-                return Err(arg_err(
-                    py,
-                    format!("{name}: expected at most {max}, got {v}"),
-                ));
-            }
-        }
-        if num_layers * batch_size > 1 << 22 {
-            return Err(arg_err(
-                py,
-                format!("batch_size: expected num_layers * batch_size <= 2^22, got {num_layers} * {batch_size}"),
-            ));
-        }
+        // The core's rule, before a default plan of that size is built.
+        rk(
+            py,
+            check_store_shape(
+                num_layers as usize,
+                batch_size as usize,
+                num_kv_heads as usize,
+                head_dim as usize,
+            ),
+        )?;
         let cfg = cfg_from(py, config.as_ref())?;
         let plan = match plan {
             None => rk(
@@ -1125,7 +1131,7 @@ impl PyStore {
         let b = u8::try_from(bits).map_err(|_| {
             arg_err(
                 py,
-                format!("bits: expected one of 2, 3, 4, 8, 16, got {bits}"),
+                format!("bits: expected one of {}, got {bits}", classes_str()),
             )
         })?;
         rk(py, self.read().class_bits(b))
@@ -1335,6 +1341,8 @@ impl PyStore {
         let c = &s.meta.cfg;
         let d = PyDict::new(py);
         d.set_item("bits", c.bits)?;
+        d.set_item("key_bits", c.bits)?;
+        d.set_item("value_bits", c.value_width(c.bits))?;
         d.set_item("group_size", s.meta.group)?;
         d.set_item("key_clip", c.key_clip)?;
         d.set_item("value_clip", c.value_clip)?;

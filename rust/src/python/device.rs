@@ -77,7 +77,7 @@ fn torch_device(store_device: &str) -> String {
 }
 
 /// Checks that `obj` is a torch tensor on `store_device`'s torch device.
-fn check_on_device(obj: &Bound<'_, PyAny>, arg: &str, store_device: &str) -> PyResult<()> {
+pub fn check_on_device(obj: &Bound<'_, PyAny>, arg: &str, store_device: &str) -> PyResult<()> {
     let py = obj.py();
     let is_tensor = obj
         .get_type()

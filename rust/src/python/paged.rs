@@ -8,7 +8,15 @@ use pyo3::types::PyTuple;
 use super::buffers::{borrow, borrow_pool};
 use super::classes::{float_list, int_array, rk, PyPlan};
 use super::errors::{arg_err, dtype_err, shape_err};
+use std::sync::Arc;
+
+use super::device::{
+    backend_for, check_on_device, dev_tensor, guard, raw_tensor, use_torch_stream,
+};
 use crate::attend::Options;
+use crate::cuda::backend::Backend;
+use crate::cuda::launch::{PoolTables, PoolWrite};
+use crate::device::DevTensor;
 use crate::format::{class_of, classes_str, FpFormat};
 use crate::paged::{self, BlockFormat};
 use crate::rope::Rope;
@@ -252,6 +260,91 @@ fn rope_arg(
     }
 }
 
+/// The device a paged call runs on: `device` when given (`"emu"`: the host emulation of the
+/// CUDA kernels over CPU tensors), else a CUDA pool's own; `None` for the CPU kernels.
+fn device_of(
+    py: Python<'_>,
+    pool: &Bound<'_, PyAny>,
+    device: Option<&str>,
+) -> PyResult<Option<(String, Arc<dyn Backend>)>> {
+    let name = match device {
+        Some(d) => d.to_string(),
+        None if pool.hasattr("is_cuda")? && pool.getattr("is_cuda")?.extract::<bool>()? => {
+            let idx: Option<i64> = pool.getattr("device")?.getattr("index")?.extract()?;
+            format!("cuda:{}", idx.unwrap_or(0))
+        }
+        None => return Ok(None),
+    };
+    Ok(backend_for(py, &name)?.map(|b| (name, b)))
+}
+
+/// A pool on `dev`: its address and number of blocks.
+fn dev_pool(pool: &Bound<'_, PyAny>, dev: &str, block_bytes: usize) -> PyResult<(u64, usize)> {
+    check_on_device(pool, "pool", dev)?;
+    let shape: Vec<usize> = pool.getattr("shape")?.extract()?;
+    if shape.len() != 2 || shape[1] != block_bytes {
+        return Err(shape_err(
+            pool.py(),
+            format!("pool: expected [num_blocks, {block_bytes}] (fmt.block_bytes), got {shape:?}"),
+        ));
+    }
+    let ptr = raw_tensor(pool, "pool", dev, "torch.uint8", shape[0] * block_bytes)?;
+    Ok((ptr, shape[0]))
+}
+
+/// A `[T, H, D]` float tensor on `dev`, described as `[1, T, H, D]` (nothing is copied).
+fn dev_rows(obj: &Bound<'_, PyAny>, arg: &str, dev: &str) -> PyResult<DevTensor> {
+    check_on_device(obj, arg, dev)?;
+    let shape: Vec<usize> = obj.getattr("shape")?.extract()?;
+    if shape.len() != 3 {
+        return Err(shape_err(
+            obj.py(),
+            format!("{arg}: expected 3 dimensions [T, H, D], got shape {shape:?}"),
+        ));
+    }
+    dev_tensor(&obj.call_method1("unsqueeze", (0,))?, arg, dev)
+}
+
+/// A contiguous int32 or int64 tensor of `shape` on `dev`: address and whether it is int64.
+fn dev_ints(
+    obj: &Bound<'_, PyAny>,
+    arg: &str,
+    dev: &str,
+    shape: &[usize],
+) -> PyResult<(u64, bool)> {
+    dev_ints_of(obj, arg, dev, shape, &["torch.int64", "torch.int32"])
+}
+
+fn dev_ints_of(
+    obj: &Bound<'_, PyAny>,
+    arg: &str,
+    dev: &str,
+    shape: &[usize],
+    dtypes: &[&str],
+) -> PyResult<(u64, bool)> {
+    let py = obj.py();
+    check_on_device(obj, arg, dev)?;
+    let got: String = obj.getattr("dtype")?.str()?.extract()?;
+    if !dtypes.contains(&got.as_str()) {
+        return Err(dtype_err(
+            py,
+            format!(
+                "{arg}: expected dtype {} on the device, got {got}",
+                dtypes.join(" or ")
+            ),
+        ));
+    }
+    let s: Vec<usize> = obj.getattr("shape")?.extract()?;
+    if s != shape {
+        return Err(shape_err(
+            py,
+            format!("{arg}: expected shape {shape:?}, got {s:?}"),
+        ));
+    }
+    let ptr = raw_tensor(obj, arg, dev, &got, shape.iter().product())?;
+    Ok((ptr, got == "torch.int64"))
+}
+
 fn ints(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str, ndim: usize) -> PyResult<Vec<i64>> {
     let (v, shape) = int_array(py, obj, name)?;
     if shape.len() != ndim {
@@ -271,8 +364,14 @@ fn ints(py: Python<'_>, obj: &Bound<'_, PyAny>, name: &str, ndim: usize) -> PyRe
 /// ``rotatekv.KVStore`` does. ``plan``: a ``rotatekv.RotationPlan`` whose layer ``layer``
 /// rotates these keys (``None``: no rotation). Only the addressed slots change; on an error
 /// nothing does.
+///
+/// ``device``: ``None`` runs where the pool is (CPU kernels, or the CUDA kernels for a CUDA
+/// tensor); ``"emu"`` runs the CUDA kernels' host build over CPU tensors. On a device every
+/// argument is a tensor there (``slot_mapping``/``positions`` int32 or int64), the slot
+/// mapping is read by the kernel (slots outside the pool are skipped, not refused) and the
+/// write is queued on torch's current stream.
 #[pyfunction(name = "_paged_write")]
-#[pyo3(signature = (pool, fmt, k, v, slot_mapping, positions=None, *, plan=None, layer=0, rope_inv_freq=None, rope_scaling=1.0))]
+#[pyo3(signature = (pool, fmt, k, v, slot_mapping, positions=None, *, plan=None, layer=0, rope_inv_freq=None, rope_scaling=1.0, device=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn write(
     py: Python<'_>,
@@ -286,6 +385,7 @@ pub fn write(
     layer: i64,
     rope_inv_freq: Option<Bound<'_, PyAny>>,
     rope_scaling: f64,
+    device: Option<&str>,
 ) -> PyResult<()> {
     let f = fmt_arg(py, &fmt)?;
     let plan = plan_arg(py, &f, plan.as_ref())?;
@@ -294,6 +394,31 @@ pub fn write(
     }
     let rope = rope_arg(py, &f, rope_inv_freq.as_ref(), rope_scaling)?;
     let m = rk(py, f.meta(&plan, layer as usize, rope))?;
+    if let Some((dev, bk)) = device_of(py, &pool, device)? {
+        let (pool_ptr, nb) = dev_pool(&pool, &dev, f.block_bytes())?;
+        let kd = dev_rows(&k, "k", &dev)?;
+        let vd = dev_rows(&v, "v", &dev)?;
+        let t = kd.shape[1];
+        let (slots, slots_i64) = dev_ints(&slot_mapping, "slot_mapping", &dev, &[t])?;
+        let (pos, pos_i64) = match &positions {
+            None => (0, false),
+            Some(p) => dev_ints(p, "positions", &dev, &[t])?,
+        };
+        // The rule of every store: finite keys and values (a device check waits for it).
+        super::call_hook(py, "check_finite", (&k, "k"))?;
+        super::call_hook(py, "check_finite", (&v, "v"))?;
+        let w = PoolWrite {
+            k: &kd,
+            v: &vd,
+            slots,
+            slots_i64,
+            positions: pos,
+            pos_i64,
+        };
+        use_torch_stream(py, &bk)?;
+        let res = py.detach(|| guard(|| paged::write_device(&bk, &f, &m, pool_ptr, nb, &w)));
+        return rk(py, res);
+    }
     let mut pb = borrow_pool(&pool, "pool", true)?;
     let expected = format!("[T, Hkv={}, D={}]", f.heads, f.d);
     let kb = borrow(&k, "k")?;
@@ -334,8 +459,14 @@ pub fn write(
 /// ``out`` ``[Tq_total, Hq, D]`` (q's dtype; written into ``out`` when given), and with
 /// ``return_lse`` also the float32 log-sum-exp ``[Tq_total, Hq]`` (``-inf`` for a row that
 /// sees no key, whose output is 0). A request with no tokens gives zeros.
+///
+/// ``device`` as for ``write``. On a device ``block_table``, ``seq_lens`` and
+/// ``query_start_loc`` are int32 tensors there, read by the kernel (no host copy); block ids
+/// outside the pool read as no tokens. ``max_query_len``: the most queries of one request
+/// (serving engines know it); without it, one read of ``query_start_loc`` waits for the
+/// device.
 #[pyfunction(name = "_paged_attend")]
-#[pyo3(signature = (pool, fmt, q, block_table, seq_lens, query_start_loc, *, plan=None, layer=0, scale=None, causal=true, window=None, softcap=None, out=None, return_lse=false, rope_inv_freq=None, rope_scaling=1.0))]
+#[pyo3(signature = (pool, fmt, q, block_table, seq_lens, query_start_loc, *, plan=None, layer=0, scale=None, causal=true, window=None, softcap=None, out=None, return_lse=false, rope_inv_freq=None, rope_scaling=1.0, max_query_len=None, device=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn attend<'py>(
     py: Python<'py>,
@@ -355,6 +486,8 @@ pub fn attend<'py>(
     return_lse: bool,
     rope_inv_freq: Option<Bound<'py, PyAny>>,
     rope_scaling: f64,
+    max_query_len: Option<i64>,
+    device: Option<&str>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let f = fmt_arg(py, &fmt)?;
     let plan = plan_arg(py, &f, plan.as_ref())?;
@@ -369,8 +502,112 @@ pub fn attend<'py>(
             ));
         }
     }
+    if let Some(n) = max_query_len {
+        if n < 0 {
+            return Err(arg_err(
+                py,
+                format!("max_query_len: expected an int >= 0 or None, got {n}"),
+            ));
+        }
+    }
     let rope = rope_arg(py, &f, rope_inv_freq.as_ref(), rope_scaling)?;
     let m = rk(py, f.meta(&plan, layer as usize, rope))?;
+    let opts = Options {
+        positions: None,
+        causal,
+        scale: scale.map(|s| s as f32),
+        window: window.map(|w| w as usize),
+        softcap: softcap.map(|s| s as f32),
+        lag: 0,
+    };
+    if let Some((dev, bk)) = device_of(py, &pool, device)? {
+        let (pool_ptr, nb) = dev_pool(&pool, &dev, f.block_bytes())?;
+        let qd = dev_rows(&q, "q", &dev)?;
+        let [_, tq, hq, d] = qd.shape;
+        let bt_shape: Vec<usize> = match check_on_device(&block_table, "block_table", &dev) {
+            Ok(()) => block_table.getattr("shape")?.extract()?,
+            Err(e) => return Err(e),
+        };
+        if bt_shape.len() != 2 {
+            return Err(shape_err(
+                py,
+                format!("block_table: expected [B, max_blocks], got shape {bt_shape:?}"),
+            ));
+        }
+        let b = bt_shape[0];
+        let i32s = ["torch.int32"];
+        let (bt, _) = dev_ints_of(&block_table, "block_table", &dev, &bt_shape, &i32s)?;
+        let (lens, _) = dev_ints_of(&seq_lens, "seq_lens", &dev, &[b], &i32s)?;
+        let (qsl, _) = dev_ints_of(&query_start_loc, "query_start_loc", &dev, &[b + 1], &i32s)?;
+        super::call_hook(py, "check_finite", (&q, "q"))?;
+        // The longest request's query count bounds the grid; serving engines know it on the
+        // host, and without it one read of query_start_loc waits for the device.
+        let mql = match max_query_len {
+            Some(n) => n as usize,
+            None if b == 0 => 0,
+            None => query_start_loc
+                .call_method0("diff")?
+                .call_method0("max")?
+                .call_method0("item")?
+                .extract::<i64>()?
+                .max(0) as usize,
+        };
+        let out_obj = match out {
+            Some(o) => o,
+            None => q.call_method1("new_zeros", (PyTuple::new(py, [tq, hq, d])?,))?,
+        };
+        let od = dev_rows(&out_obj, "out", &dev)?;
+        if od.dtype != qd.dtype || od.shape != qd.shape {
+            return Err(shape_err(
+                py,
+                format!(
+                    "out: expected a [{tq}, {hq}, {d}] tensor of q's dtype, got {:?}",
+                    &od.shape[1..]
+                ),
+            ));
+        }
+        let lse_obj = if return_lse {
+            let kw = pyo3::types::PyDict::new(py);
+            kw.set_item("dtype", py.import("torch")?.getattr("float32")?)?;
+            Some(q.call_method("new_zeros", (PyTuple::new(py, [tq, hq])?,), Some(&kw))?)
+        } else {
+            None
+        };
+        let ld = match &lse_obj {
+            Some(l) => Some(dev_rows(&l.call_method1("unsqueeze", (-1,))?, "lse", &dev)?),
+            None => None,
+        };
+        let tables = PoolTables {
+            block_table: bt,
+            max_blocks: bt_shape[1],
+            seq_lens: lens,
+            query_start: qsl,
+            batch: b,
+            max_query_len: mql,
+        };
+        use_torch_stream(py, &bk)?;
+        let res = py.detach(|| {
+            guard(|| {
+                paged::attend_device(
+                    &bk,
+                    &f,
+                    &m,
+                    pool_ptr,
+                    nb,
+                    &tables,
+                    &qd,
+                    &od,
+                    ld.as_ref(),
+                    &opts,
+                )
+            })
+        });
+        rk(py, res)?;
+        return match lse_obj {
+            None => Ok(out_obj),
+            Some(l) => Ok(PyTuple::new(py, [out_obj, l])?.into_any()),
+        };
+    }
     let pb = borrow_pool(&pool, "pool", false)?;
     if pb.shape[1] != f.block_bytes() {
         return Err(shape_err(
@@ -439,14 +676,7 @@ pub fn attend<'py>(
         max_blocks: bt_shape[1],
         seq_lens: &lens,
         query_start_loc: &qsl,
-        opts: Options {
-            positions: None,
-            causal,
-            scale: scale.map(|s| s as f32),
-            window: window.map(|w| w as usize),
-            softcap: softcap.map(|s| s as f32),
-            lag: 0,
-        },
+        opts,
     };
     let mut lse = vec![0f32; if return_lse { tq * hq } else { 0 }];
     let mut o = ob.out();

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build demo test test-rust test-python lint bench fuzz clean
+.PHONY: setup build demo test test-rust test-python test-vllm lint bench fuzz clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,25 @@ test-rust:
 test-python: build
 	$(PY) -m pytest -q tests
 
+# rotatekv inside vLLM (CPU build) in its own virtualenv: vLLM pins its own torch and
+# transformers. The plugin is the wheel built here; the model is the packaged SmolLM2,
+# converted once to a transformers directory by the main virtualenv.
+VVENV ?= .venv-vllm
+VSTAMP := $(VVENV)/.installed
+
+$(VSTAMP): requirements-vllm.txt
+	python3 -m venv $(VVENV)
+	$(VVENV)/bin/pip install -q uv==0.9.30
+	VIRTUAL_ENV=$(VVENV) $(VVENV)/bin/uv pip install -q --no-deps -r requirements-vllm.txt
+	touch $(VSTAMP)
+
+test-vllm: build $(VSTAMP)
+	rm -rf target/vllm-wheel
+	$(VENV)/bin/maturin build --release -q -o target/vllm-wheel
+	VIRTUAL_ENV=$(VVENV) $(VVENV)/bin/uv pip install -q --no-deps --reinstall target/vllm-wheel/*.whl
+	ROTATEKV_VLLM_MODEL=$$($(PY) -c 'from rotatekv.models import model_dir; print(model_dir())') \
+	  $(VVENV)/bin/python -m pytest -q --noconftest -p no:cacheprovider tests/vllm_plugin
+
 # Every fuzz target for FUZZ_SECONDS each (bounded, fixed seed). cargo fuzz passes nightly-only
 # flags (sanitizers); RUSTC_BOOTSTRAP lets the machine's one stable toolchain accept them.
 FUZZ_SECONDS ?= 15
@@ -56,11 +75,11 @@ fuzz: $(CARGO_FUZZ)
 	  echo "fuzz $$t: $$(grep '^Done' target/fuzz-$$t.log)"; \
 	done
 
-test: lint test-rust test-python fuzz
+test: lint test-rust test-python test-vllm fuzz
 
 bench: build
 	cargo bench --bench kernels
 	$(PY) benches/attend_cpu.py
 
 clean:
-	rm -rf target $(VENV) bench-out fuzz/target .tools
+	rm -rf target $(VENV) $(VVENV) bench-out fuzz/target .tools

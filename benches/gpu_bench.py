@@ -4,8 +4,10 @@ run (torch SDPA over bf16 K/V, a device-to-device copy of the same bytes).
     python benches/gpu_bench.py --json bench-out/gpu_bench.json
 
 - decode attention over a 2-bit store (pre-RoPE grouped Hadamard and post-RoPE per-head
-  plans) against ``F.scaled_dot_product_attention`` over bf16 K/V, 32 query / 8 KV heads of
-  128, contexts 4k..128k, batch 1..64 (cases whose bf16 cache would not fit are skipped);
+  plans) and over a 2-bit caller-owned pool (``rotatekv.paged``, blocks of 64 in random
+  order, block tables read on the device, as a serving engine calls it) against
+  ``F.scaled_dot_product_attention`` over bf16 K/V, 32 query / 8 KV heads of 128, contexts
+  4k..128k, batch 1..64 (cases whose bf16 cache would not fit are skipped);
 - achieved bandwidth of that attention on the store's packed bytes, as a fraction of the
   measured copy bandwidth;
 - the Hadamard kernel against a copy of the same bytes;
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 import rotatekv
 import rotatekv.cuda as rc
-from rotatekv import KVStore, RotationPlan
+from rotatekv import KVStore, RotationPlan, paged
 
 HQ, HKV, D = 32, 8, 128
 
@@ -79,6 +81,28 @@ def make_store(mode: str, batch: int, ctx: int, chunk: int = 4096) -> KVStore:
     return s
 
 
+def make_pool(batch: int, ctx: int, device: str = "cuda", chunk: int = 4096):
+    """A 2-bit pool of `batch` requests of `ctx` tokens (post-RoPE per-head plan), blocks in
+    random order; returns (pool, fmt, plan, block_table, seq_lens, query_start_loc)."""
+    dev = "cpu" if device == "emu" else device
+    fmt = paged.BlockFormat(HKV, D, bits=2, block_size=64)
+    plan = RotationPlan.hadamard(1, HKV, D, mode="post_rope")
+    per = math.ceil(ctx / 64)
+    pool = fmt.new_pool(batch * per, device=dev)
+    table = torch.randperm(batch * per, device=dev).to(torch.int32).reshape(batch, per)
+    g = torch.Generator(device=dev).manual_seed(0)
+    for b in range(batch):
+        for t0 in range(0, ctx, chunk):
+            j = torch.arange(t0, min(ctx, t0 + chunk), device=dev)
+            k = torch.randn(len(j), HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
+            v = torch.randn(len(j), HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
+            slots = table[b, j // 64].long() * 64 + j % 64
+            paged.write(pool, fmt, k, v, slots, plan=plan, device=device)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+    return pool, fmt, plan, table, lens, qsl
+
+
 def bench_decode(contexts: list[int], batches: list[int], repeats: int, budget: float) -> list:
     rows = []
     free = torch.cuda.mem_get_info()[0]
@@ -115,6 +139,29 @@ def bench_decode(contexts: list[int], batches: list[int], repeats: int, budget: 
                 )
                 del s
                 torch.cuda.empty_cache()
+            pool, fmt, plan, table, lens, qsl = make_pool(b, ctx)
+            qp = q[:, :, 0].contiguous()  # [B, Hq, D]: one query per request, token-major
+
+            def run(pool=pool, fmt=fmt, plan=plan, table=table, lens=lens, qsl=qsl, qp=qp):
+                paged.attend(pool, fmt, qp, table, lens, qsl, plan=plan, max_query_len=1)
+
+            t_pool = timed(run, repeats)
+            rows.append(
+                {
+                    "context": ctx,
+                    "batch": b,
+                    "mode": "paged",
+                    "sdpa_ms": t_sdpa * 1e3,
+                    "store_ms": t_pool * 1e3,
+                    "speedup": t_sdpa / t_pool,
+                    "store_bytes": pool.numel(),
+                    "bf16_bytes": kv_bytes,
+                    "store_gbps": pool.numel() / t_pool / 1e9,
+                    "sdpa_gbps": kv_bytes / t_sdpa / 1e9,
+                }
+            )
+            del pool
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -21,5 +21,5 @@ print("available", c.is_available(), "nvrtc", c.nvrtc_dir(), c.nvrtc_version())
 s = rotatekv.KVStore(1, 8, 128, device="cuda")
 print("first device store (NVRTC compile + module load):", round(time.time() - t, 2), "s")
 PY
-timeout 240 python3 -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log"
+timeout 240 python3 -m pytest -q -m cuda tests/test_cuda.py tests/test_paged.py -p no:cacheprovider 2>&1 | tee "$OUT/cuda_tests.log"
 timeout 300 python3 benches/gpu_bench.py --json "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.md"

@@ -47,6 +47,19 @@ def load(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch
     packaged SmolLM2-135M-Instruct). The model is in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = model_dir(model)
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(path)
+    m.eval()
+    return m, tok
+
+
+def model_dir(model: str | os.PathLike[str] | None = None) -> Path:
+    """A transformers directory of ``model`` (default: the packaged SmolLM2-135M-Instruct): a
+    directory as given, a GGUF file converted once into the cache (what serving engines such
+    as vLLM load)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     path = Path(model) if model is not None else default_model_path()
     if not path.exists():
         raise ArgumentError(
@@ -76,7 +89,4 @@ def load(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch
             else:
                 tmp.replace(conv)
         path = conv
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tok = AutoTokenizer.from_pretrained(path)
-    m.eval()
-    return m, tok
+    return path

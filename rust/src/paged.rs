@@ -67,15 +67,10 @@ impl BlockFormat {
         group_size: Option<usize>,
         fp_format: FpFormat,
     ) -> Result<Self> {
+        // Named as the caller names them; the pairing rule (16 only with 16) is the store's,
+        // in `Meta::for_blocks`.
         check_bits("key_bits", bits)?;
         check_bits("value_bits", value_bits)?;
-        if (bits == 16) != (value_bits == 16) {
-            return Err(Error::value(
-                "value_bits",
-                format!("16 with 16-bit keys, a quantized width with {bits}-bit keys"),
-                value_bits.to_string(),
-            ));
-        }
         if block_size != 32 && block_size != 64 {
             return Err(Error::value(
                 "block_size",
@@ -89,7 +84,7 @@ impl BlockFormat {
         let m = Meta::for_blocks(
             heads,
             d,
-            Self::config(bits, block_size, group_size, fp_format),
+            Self::config(bits, value_bits, block_size, group_size, fp_format),
             plan,
             None,
         )?;
@@ -101,14 +96,20 @@ impl BlockFormat {
             block_size,
             group: m.group,
             fp_format,
-            layout: Layout::block(bits, value_bits, block_size, heads, d, m.group),
+            layout: m.layout(bits).clone(),
         })
     }
 
-    fn config(bits: u8, block_size: usize, group: Option<usize>, fp: FpFormat) -> QuantConfig {
+    fn config(
+        bits: u8,
+        value_bits: u8,
+        block_size: usize,
+        group: Option<usize>,
+        fp: FpFormat,
+    ) -> QuantConfig {
         QuantConfig {
             bits,
-            value_bits: None,
+            value_bits: Some(value_bits),
             group_size: group,
             key_clip: None,
             value_clip: None,
@@ -150,7 +151,13 @@ impl BlockFormat {
                 layer.to_string(),
             ));
         }
-        let cfg = Self::config(self.bits, self.block_size, Some(self.group), self.fp_format);
+        let cfg = Self::config(
+            self.bits,
+            self.value_bits,
+            self.block_size,
+            Some(self.group),
+            self.fp_format,
+        );
         Meta::for_blocks(self.heads, self.d, cfg, plan.layer(layer), rope)
     }
 }
@@ -186,16 +193,7 @@ pub struct WriteArgs<'a> {
 pub fn write(pool: &mut [u8], fmt: &BlockFormat, m: &Meta, a: &WriteArgs) -> Result<()> {
     let nb = num_blocks(fmt, pool.len())?;
     let (h, d) = (fmt.heads, fmt.d);
-    let t = a.k.shape[1];
-    for (name, x) in [("k", &a.k), ("v", &a.v)] {
-        if x.shape != [1, t, h, d] {
-            return Err(Error::shape(
-                name,
-                format!("[T, Hkv={h}, D={d}] (k and v alike)"),
-                format!("{:?}", &x.shape[1..]),
-            ));
-        }
-    }
+    let t = check_kv_rows(fmt, a.k.shape, a.v.shape)?;
     if a.slots.len() != t {
         return Err(Error::shape(
             "slot_mapping",
@@ -341,6 +339,22 @@ pub fn write(pool: &mut [u8], fmt: &BlockFormat, m: &Meta, a: &WriteArgs) -> Res
         }
     });
     Ok(())
+}
+
+/// Keys and values `[1, T, Hkv, D]` alike (token-major, as serving engines hold them); gives
+/// `T`.
+fn check_kv_rows(fmt: &BlockFormat, k: [usize; 4], v: [usize; 4]) -> Result<usize> {
+    let (h, d, t) = (fmt.heads, fmt.d, k[1]);
+    for (name, x) in [("k", k), ("v", v)] {
+        if x != [1, t, h, d] {
+            return Err(Error::shape(
+                name,
+                format!("[T, Hkv={h}, D={d}] (k and v alike)"),
+                format!("{:?}", &x[1..]),
+            ));
+        }
+    }
+    Ok(t)
 }
 
 /// The rule of pre-RoPE plans: keys arrive after RoPE, so a write needs their positions and
@@ -592,16 +606,7 @@ pub fn write_device(
     num_blocks: usize,
     w: &PoolWrite,
 ) -> Result<()> {
-    let (h, d, t) = (fmt.heads, fmt.d, w.k.shape[1]);
-    for (name, x) in [("k", w.k), ("v", w.v)] {
-        if x.shape != [1, t, h, d] {
-            return Err(Error::shape(
-                name,
-                format!("[T, Hkv={h}, D={d}] (k and v alike)"),
-                format!("{:?}", &x.shape[1..]),
-            ));
-        }
-    }
+    check_kv_rows(fmt, w.k.shape, w.v.shape)?;
     if w.k.dtype != w.v.dtype {
         return Err(Error::dtype(
             "v",

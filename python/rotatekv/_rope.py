@@ -3,7 +3,11 @@ synthetic demo/bench (no transformers import here)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from ._rotatekv import ArgumentError
 
 
 def tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,3 +44,35 @@ def unrope(
     if rd < kf.shape[-1]:
         out = torch.cat([out, kf[..., rd:]], -1)
     return out
+
+
+def from_config(config: Any, layer: int) -> tuple[torch.Tensor, float]:
+    """``(inv_freq, attention_scaling)`` of one layer's RoPE from a transformers config, as the
+    model's rotary module computes them (for engines that hold the config, not the module).
+
+    ``rope_parameters`` may be one dict or one per layer type (Gemma 3). The ``default`` type
+    is computed here; others come from transformers' ``ROPE_INIT_FUNCTIONS``. RoPE that
+    changes with the sequence length (``dynamic``) cannot be undone at a fixed position."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rp = dict(getattr(cfg, "rope_parameters", None) or {})
+    types = list(getattr(cfg, "layer_types", None) or [])
+    layer_type = types[layer] if layer < len(types) else None
+    if "rope_type" not in rp and layer_type in rp:
+        rp = dict(rp[layer_type])
+    else:
+        layer_type = None
+    kind = rp.get("rope_type", "default")
+    if kind == "dynamic":
+        raise ArgumentError("rope_type: 'dynamic' RoPE depends on the length; not supported")
+    if kind == "default":
+        base = float(rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dim = int(int(head_dim) * float(rp.get("partial_rotary_factor", 1.0)))
+        exps = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+        return 1.0 / (base**exps), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if kind not in ROPE_INIT_FUNCTIONS:
+        raise ArgumentError(f"rope_type: {kind!r} is not one transformers knows")
+    inv, scaling = ROPE_INIT_FUNCTIONS[kind](cfg, torch.device("cpu"), layer_type=layer_type)
+    return inv.to(torch.float32), float(scaling)

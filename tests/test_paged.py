@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import rotatekv
+from reference import tolerance
 from rotatekv import (
     ArgumentError,
     DTypeError,
@@ -527,7 +528,10 @@ def test_separate_key_and_value_widths(kb, vb):
         vv = torch.from_numpy(vs).reshape(n, hkv, d)
         want = reference(kk, vv, qs[b], d**-0.5)
         got = out[qsl[b] : qsl[b + 1]].double()
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-4, msg=f"seed {SEED} req {b}")
+        # AVX-512 VNNI rounds queries and value weights to 16 bits (tolerance's note).
+        torch.testing.assert_close(
+            got, want, **tolerance(torch.float32), msg=f"seed {SEED} req {b}"
+        )
 
 
 @pytest.mark.parametrize("kb,vb", [(4, 2), (3, 2), (2, 4)])
@@ -559,7 +563,8 @@ def test_stores_with_separate_widths_match_the_pool(kb, vb, tmp_path):
         want = out[qsl[b] : qsl[b + 1]]
         for store in (s, e, loaded):
             got = store.attend(1, qs[b].transpose(0, 1)[None])[0].transpose(0, 1)
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=f"seed {SEED}")
+            # The emulated device computes in f32 where AVX-512 VNNI rounds to 16 bits.
+            torch.testing.assert_close(got, want, **tolerance(torch.float32), msg=f"seed {SEED}")
         for j, buf in enumerate(s.page_buffers(1, 0)):
             page = torch.from_dlpack(buf)[buf.layout["heads"] :]
             assert torch.equal(page, p.pool[int(p.table[b, j])]), f"seed {SEED} req {b}"

@@ -24,6 +24,23 @@ from vllm_engine import engine, log, progress
 REQUESTS, PROMPT, NEW = 8, 2048, 64
 
 
+def peak_rss_mib() -> dict[str, float]:
+    """Peak resident memory (VmHWM) of this process and its children (vLLM's engine core),
+    by process name."""
+    import psutil
+
+    out: dict[str, float] = {}
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                hwm = next(x for x in f if x.startswith("VmHWM:"))
+            out[p.name()] = max(out.get(p.name(), 0.0), int(hwm.split()[1]) / 1024)
+        except (OSError, StopIteration, psutil.Error):
+            continue
+    return out
+
+
 def run_vllm(model: str, config: str) -> None:
     """One engine: timings of prefill and decode; prints ``RESULT {...}``."""
     import torch
@@ -80,6 +97,7 @@ def run_vllm(model: str, config: str) -> None:
         "prefill_tok_s": REQUESTS * PROMPT / prefill,
         "decode_tok_s": REQUESTS * NEW / decode,
         "blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+        "peak_rss_mib": peak_rss_mib(),
     }
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -106,7 +124,9 @@ def main() -> None:
         cfg, plugin = runs[name]
         log(f"{name}: engine start (~1-2 min), {REQUESTS} x {PROMPT} prompt tokens, {NEW} new")
         res[name] = r = engine(__file__, [model], cfg, plugin)
+        rss = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_rss_mib"].items())
         log(f"  prefill {r['prefill_tok_s']:.0f} tok/s, decode {r['decode_tok_s']:.1f} tok/s")
+        log(f"  peak RSS MiB: {rss}")
     base = res["cpu_attn"]
     for r in res.values():
         r["prefill_vs_cpu_attn"] = r["prefill_tok_s"] / base["prefill_tok_s"]

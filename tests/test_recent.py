@@ -65,19 +65,12 @@ class Engine:
         st = self.rw.begin(object(), qsl_t, lens_t, table, slots, self.pool.shape[0] * bs)
         paged.write(self.pool, self.fmt, k, v, slots, plan=self.plan, layer=0)
         self.rw.store(0, k, v)
-        out = recent.attend(
-            self.rw,
-            0,
-            self.pool,
-            self.fmt,
-            q,
-            k,
-            v,
-            table,
-            scale=0.125,
-            window=self.window,
-            softcap=self.softcap,
-            plan=self.plan,
+        kw = dict(scale=0.125, window=self.window, softcap=self.softcap, plan=self.plan)
+        args = (self.rw, 0, self.pool, self.fmt, q, k, v, table)
+        out = recent.attend(*args, **kw)  # the fused kernel (CPU pool)
+        # The torch composition (gathers, dense attention, merge) computes the same.
+        torch.testing.assert_close(
+            out, recent.attend_composed(*args, **kw), atol=1e-5, rtol=1e-5, msg=f"seed {SEED}"
         )
         for i, (b, n) in enumerate(zip(reqs, sizes, strict=True)):
             for j in range(n):
@@ -211,3 +204,82 @@ def test_rope_from_a_config_matches_the_models_rotary_module():
     cfg.rope_parameters = {"rope_type": "default", "rope_theta": 5000.0}
     rot = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(cfg)
     torch.testing.assert_close(from_config(cfg, 0)[0], rot.inv_freq.float())
+
+
+@pytest.mark.parametrize("hq,d,r,window", [(3, 64, 5, None), (2, 128, 16, 20), (1, 32, 1, None)])
+def test_fused_rows_equal_the_composition_on_bf16_inputs(hq, d, r, window):
+    """Random ragged steps with bf16 queries and rows (as vLLM passes them), odd GQA and
+    window sizes: the fused kernel's one softmax equals gathers + dense attention + merge."""
+    g = torch.Generator().manual_seed(SEED + hq * d + r)
+    bs, h = 32, 1
+    fmt = paged.BlockFormat(h, d, bits=2, block_size=bs, fp_format="bfloat16")
+    plan = plan_for(h, d)
+    lens = [45, 1, 77, 33]
+    qlen = [13, 1, 1, 33]
+    nblk = [math.ceil(n / bs) for n in lens]
+    ids = torch.randperm(sum(nblk), generator=g).tolist()
+    table = torch.zeros(len(lens), max(nblk), dtype=torch.int64)
+    slots_all = []
+    for b, n in enumerate(lens):
+        blk = torch.tensor(ids[sum(nblk[:b]) : sum(nblk[: b + 1])])
+        table[b, : nblk[b]] = blk
+        pos = torch.arange(n)
+        slots_all.append(blk[pos // bs] * bs + pos % bs)
+    pool = fmt.new_pool(sum(nblk))
+    rw = recent.RecentWindow(r, bs, 1, h, d, capacity=64 * r, dtype=torch.bfloat16)
+    # First step: every request's older tokens (prefill without queries of interest).
+    for first in (True, False):
+        sl = [n - q if first else n for n, q in zip(lens, qlen, strict=True)]
+        ql = [n - q if first else q for n, q in zip(lens, qlen, strict=True)]
+        qsl = torch.tensor([0] + list(torch.cumsum(torch.tensor(ql), 0)), dtype=torch.int32)
+        slots = torch.cat([s[a - q : a] for s, a, q in zip(slots_all, sl, ql, strict=True)])
+        t = int(qsl[-1])
+        k = torch.randn(t, h, d, generator=g).bfloat16()
+        v = torch.randn(t, h, d, generator=g).bfloat16()
+        q = torch.randn(t, hq * h, d, generator=g).bfloat16()
+        rw.begin(
+            object(), qsl, torch.tensor(sl, dtype=torch.int32), table, slots, pool.shape[0] * bs
+        )
+        paged.write(pool, fmt, k, v, slots, plan=plan)
+        rw.store(0, k, v)
+        args = (rw, 0, pool, fmt, q, k, v, table)
+        kw = dict(scale=0.2, window=window, softcap=None, plan=plan)
+        got = recent.attend(*args, **kw)
+        assert got.dtype == torch.bfloat16
+        want = recent.attend_composed(*args, **kw)
+        # bf16 output: one rounding of the float32 result.
+        torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=1e-2, msg=f"seed {SEED}")
+        out = torch.empty_like(q)
+        assert recent.attend(*args, **kw, out=out) is out
+        torch.testing.assert_close(out, got, atol=0, rtol=0)
+
+
+def test_bad_recent_rows_name_the_argument():
+    fmt = paged.BlockFormat(2, 64, bits=2, block_size=32)
+    pool = fmt.new_pool(2)
+    q = torch.randn(3, 4, 64)
+    table = torch.tensor([[0, 1]])
+    lens, qsl = torch.tensor([40]), torch.tensor([0, 3])
+    rows = torch.randn(8, 2, 64)
+    ok = dict(
+        recent_k=rows,
+        recent_v=rows,
+        recent_idx=torch.full((3, 4), -1),
+        recent_lag=torch.tensor([4]),
+    )
+    paged.attend(pool, fmt, q, table, lens, qsl, **ok)
+    bad = [
+        ({"recent_idx": torch.full((3, 4), 8)}, "recent_idx"),
+        ({"recent_idx": torch.full((2, 4), -1)}, "recent_idx"),
+        ({"recent_lag": torch.tensor([5])}, "recent_lag"),
+        ({"recent_lag": torch.tensor([1, 1])}, "recent_lag"),
+        ({"recent_v": torch.randn(8, 2, 32)}, "recent_v"),
+        ({"recent_k": torch.randn(8, 3, 64)}, "recent_k"),
+        ({"recent_v": None}, "recent_k"),
+        ({"step_k": rows}, "step_k"),
+    ]
+    for change, name in bad:
+        with pytest.raises(ValueError, match=name):
+            paged.attend(pool, fmt, q, table, lens, qsl, **{**ok, **change})
+    with pytest.raises(ValueError, match="causal"):
+        paged.attend(pool, fmt, q, table, lens, qsl, causal=False, **ok)

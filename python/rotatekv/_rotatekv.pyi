@@ -147,6 +147,12 @@ def _paged_attend(
     rope_scaling: float = 1.0,
     max_query_len: int | None = None,
     device: str | None = None,
+    recent_k: Any = None,
+    recent_v: Any = None,
+    recent_idx: Any = None,
+    recent_lag: Any = None,
+    step_k: Any = None,
+    step_v: Any = None,
 ) -> Any: ...
 
 class PageBuffer:

@@ -42,6 +42,12 @@ class Step:
     """One engine step's bookkeeping, shared by every layer."""
 
     positions: torch.Tensor  # int64 [T]: each query token's position in its request
+    # The step's requests: query_start_loc and seq_lens (int64).
+    qsl: torch.Tensor
+    lens: torch.Tensor
+    # The fused kernel's view of the window [T, R]: a side row (0..N), the step's own row
+    # (N + t) or -1, for :func:`rotatekv.paged.attend`'s ``recent_idx``.
+    idx: torch.Tensor
     # The packed part: query rows (into the step's T), their query_start_loc and the
     # shifted sequence lengths; ``shift`` the per-request w.
     packed_rows: torch.Tensor
@@ -226,9 +232,16 @@ class RecentWindow:
         self.row_slot[write_rows] = slots[ok]
         self.last_use[ch[ok]] = now
 
+        n = self.chunks * CHUNK
+        idx = torch.where(from_step, n + step_idx, side_idx)
+        idx = torch.where(mask, idx, torch.full_like(idx, -1))
+
         self._meta = meta
         self.step = Step(
             pos,
+            qsl,
+            lens,
+            idx,
             packed_rows,
             packed_qsl,
             plens,
@@ -318,12 +331,90 @@ def attend(
     window: int | None = None,
     softcap: float | None = None,
     plan: object = None,
+    out: torch.Tensor | None = None,
+    device: str | None = None,
     **rope_kw: object,
 ) -> torch.Tensor:
-    """Float32 attention ``[T, Hq, D]`` of the step's queries: packed blocks older than each
-    query's window (:func:`rotatekv.paged.attend`), the window in 16 bits, merged.
-    ``key``/``value``: the step's own tokens ``[T, H, D]`` as the model computed them;
-    ``plan`` (at ``layer``) and ``rope_kw``: as :func:`rotatekv.paged.attend` takes them."""
+    """Attention ``[T, Hq, D]`` of the step's queries (query's dtype, written into ``out``
+    when given): the packed blocks older than each query's window and the window in 16 bits,
+    in one softmax. ``key``/``value``: the step's own tokens ``[T, H, D]`` as the model
+    computed them; ``plan`` (at ``layer``) and ``rope_kw``: as :func:`rotatekv.paged.attend`
+    takes them. CPU pools run one fused kernel call (the window's rows are read in place);
+    device pools (and ``device``, as :func:`rotatekv.paged.attend` takes it) the
+    composition :func:`attend_composed`."""
+    from . import paged
+
+    st = rw.step
+    assert st is not None, "begin() runs first"
+    if device is not None or pool.device.type != "cpu":
+        res = attend_composed(
+            rw,
+            layer,
+            pool,
+            fmt,
+            query,
+            key,
+            value,
+            block_table,
+            scale=scale,
+            window=window,
+            softcap=softcap,
+            plan=plan,
+            device=device,
+            **rope_kw,
+        )
+        if out is None:
+            return res.to(query.dtype)
+        out.copy_(res)
+        return out
+    # The window holds 16-bit copies (as the store keeps its window): a model computing in
+    # float32 gets its step's rows rounded like the side rows (16-bit models pass as is).
+    key, value = key.to(rw.dtype), value.to(rw.dtype)
+    return paged.attend(  # type: ignore[attr-defined,no-any-return]
+        pool,
+        fmt,
+        query,
+        block_table,
+        st.lens,
+        st.qsl,
+        scale=scale,
+        causal=True,
+        window=window,
+        softcap=softcap,
+        plan=plan,
+        layer=layer,
+        out=out,
+        recent_k=rw.k[layer],
+        recent_v=rw.v[layer],
+        step_k=key,
+        step_v=value,
+        recent_idx=st.idx,
+        recent_lag=st.shift,
+        **rope_kw,
+    )
+
+
+def attend_composed(
+    rw: RecentWindow,
+    layer: int,
+    pool: torch.Tensor,
+    fmt: object,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_table: torch.Tensor,
+    *,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+    plan: object = None,
+    device: str | None = None,
+    **rope_kw: object,
+) -> torch.Tensor:
+    """:func:`attend` from torch operations, in float32, on any device: the packed blocks
+    older than each query's window (:func:`rotatekv.paged.attend` over shifted lengths), the
+    window gathered into ``[T, R, H, D]`` copies and attended densely, the two merged by
+    their log-sum-exps. The reference the fused kernel is tested against."""
     from . import paged
 
     st = rw.step
@@ -369,6 +460,8 @@ def attend(
             return_lse=True,
             plan=plan,
             layer=layer,
+            max_query_len=int(nq.max()),
+            device=device,
             **rope_kw,
         )
         out_p[rows] = o

@@ -144,6 +144,88 @@ pub fn check_options(o: &Options, d: usize) -> Result<Masking> {
     })
 }
 
+/// Keys and values read row by row beside the packed pages: the 16-bit recent window a
+/// serving engine keeps outside its pool (side rows, and the step's own rows).
+///
+/// Flat query row `i` at position `p` of request `b` has `r` window columns: column `j` is
+/// the key at position `p - r + 1 + j`, read from row `idx[i * r + j]` of the two sources
+/// (rows `0..N0` are the first's, `N0..N0 + N1` the second's; `-1`: not held). Only the
+/// request's newest `lag[b]` positions come from here (columns `j >= r - lag[b]`); its
+/// packed pages serve the keys at positions `<= p - lag[b]`, so every key counts once.
+#[derive(Clone, Copy, Debug)]
+pub struct Recent<'a> {
+    /// Keys of the two sources, `[1, N_s, H, D]` each.
+    pub k: [View4<'a>; 2],
+    /// Values, shaped as the keys.
+    pub v: [View4<'a>; 2],
+    /// `[rows, r]` row indices (`-1`: none).
+    pub idx: &'a [i64],
+    /// Window columns per query.
+    pub r: usize,
+    /// Per request: the newest positions read from here instead of the pages (`0..=r`).
+    pub lag: &'a [i64],
+}
+
+impl Recent<'_> {
+    /// Checks the sources against `H` KV heads of `D` channels, `rows` query rows and `b`
+    /// requests (the one place these rules live).
+    pub fn check(&self, heads: usize, d: usize, rows: usize, b: usize) -> Result<()> {
+        let names = [("recent_k", "recent_v"), ("step_k", "step_v")];
+        for s in 0..2 {
+            let (k, v) = (self.k[s].shape, self.v[s].shape);
+            let (kn, vn) = names[s];
+            if k[0] != 1 || k[2] != heads || k[3] != d {
+                return Err(Error::shape(
+                    kn,
+                    format!("[rows, {heads}, {d}]"),
+                    format!("{:?}", &k[1..]),
+                ));
+            }
+            if v != k {
+                return Err(Error::shape(
+                    vn,
+                    format!("{kn}'s shape {:?}", &k[1..]),
+                    format!("{:?}", &v[1..]),
+                ));
+            }
+        }
+        if self.r == 0 || self.idx.len() != rows * self.r {
+            return Err(Error::shape(
+                "recent_idx",
+                format!("[Tq = {rows}, R >= 1]"),
+                format!("{} elements", self.idx.len()),
+            ));
+        }
+        let n = (self.k[0].shape[1] + self.k[1].shape[1]) as i64;
+        if let Some(e) = self.idx.iter().find(|&&e| !(-1..n).contains(&e)) {
+            return Err(Error::value(
+                "recent_idx",
+                format!("-1 or a row in 0..{n} (recent_k's rows, then step_k's)"),
+                e.to_string(),
+            ));
+        }
+        if self.lag.len() != b {
+            return Err(Error::shape(
+                "recent_lag",
+                format!("[B = {b}]"),
+                format!("{} elements", self.lag.len()),
+            ));
+        }
+        if let Some(l) = self
+            .lag
+            .iter()
+            .find(|&&l| !(0..=self.r as i64).contains(&l))
+        {
+            return Err(Error::value(
+                "recent_lag",
+                format!("0..={} (the window columns)", self.r),
+                l.to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Where each request's queries sit: request `b` has `tq[b]` query rows per head, the
 /// rows `q0[b] .. q0[b] + tq[b]` of the flat query order.
 #[derive(Clone, Debug)]
@@ -208,6 +290,8 @@ pub struct Job<'a> {
     pub softcap: Option<f32>,
     /// Checked scale, window and lag.
     pub masking: Masking,
+    /// Rows read beside the pages (needs `causal` and no `masking.lag`).
+    pub recent: Option<Recent<'a>>,
 }
 
 /// `e^x` in f32 to ~1e-7 relative error, 0 below -87; branch-free so that it vectorizes.
@@ -292,11 +376,15 @@ struct Ctx<'a> {
     q_rot: Option<Vec<f32>>,
     /// Rotated queries rounded to i16 pairs, for the VNNI path.
     q_int: Option<QInt>,
-    /// By flat query row, lag-shifted.
+    /// By flat query row: the position, the last and first key positions the pages may
+    /// serve (lags and sliding window applied).
     qpos: Vec<i32>,
-    causal: bool,
+    qhi: Vec<i32>,
+    qlo: Vec<i32>,
+    /// The sliding window about the true positions.
     window: Option<usize>,
     softcap: Option<f32>,
+    recent: Option<Recent<'a>>,
 }
 
 /// Reads the queries of a job into the kernel's dense, scaled order: `read(b, h, t, row)`
@@ -387,7 +475,33 @@ pub fn run(
         qr
     });
     let q_int = q_rot.as_ref().map(|qr| QInt::new(qr, d, m.group));
-    let lag = job.masking.lag as i32;
+    let window = job.masking.window.map(|w| w + job.masking.lag);
+    let mut lag = vec![job.masking.lag as i32; job.qpos.len()];
+    if let Some(rc) = &job.recent {
+        if !job.causal || job.masking.lag > 0 {
+            return Err(Error::value(
+                "causal",
+                "causal masking and no lag with recent rows",
+                format!("causal={}, lag={}", job.causal, job.masking.lag),
+            ));
+        }
+        rc.check(m.heads, d, job.qpos.len(), rows.tq.len())?;
+        for b in 0..rows.tq.len() {
+            lag[rows.q0[b]..rows.q0[b] + rows.tq[b]].fill(rc.lag[b] as i32);
+        }
+    }
+    let qhi = (job.qpos.iter().zip(&lag))
+        .map(|(p, l)| if job.causal { p - l } else { i32::MAX })
+        .collect();
+    let qlo = job
+        .qpos
+        .iter()
+        .map(|&p| {
+            window.map_or(i32::MIN, |w| {
+                (p as i64 - w as i64 + 1).max(i32::MIN as i64) as i32
+            })
+        })
+        .collect();
     let ctx = Ctx {
         meta: m,
         layer,
@@ -396,10 +510,12 @@ pub fn run(
         q,
         q_rot,
         q_int,
-        qpos: job.qpos.iter().map(|p| p - lag).collect(),
-        causal: job.causal,
-        window: job.masking.window,
+        qpos: job.qpos.clone(),
+        qhi,
+        qlo,
+        window,
         softcap: job.softcap,
+        recent: job.recent,
     };
     // Query blocks keep an item's rows (Hq * block) around 256; page ranges split the rest.
     let threads = rayon::current_num_threads().max(1);
@@ -1149,9 +1265,10 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
     let mut hps: Vec<HeadParams<CAP>> = (0..gh).map(|_| HeadParams::new(ngrp, d)).collect();
     let mut vt = vec![0f32; CAP * d];
     let q0 = ctx.rows.q0[it.b] + it.tq0;
-    let qpos = &ctx.qpos[q0..q0 + it.tqn];
-    let qmax = qpos.iter().copied().max().unwrap_or(0);
-    let qmin = qpos.iter().copied().min().unwrap_or(0);
+    let qhi = &ctx.qhi[q0..q0 + it.tqn];
+    let qlo = &ctx.qlo[q0..q0 + it.tqn];
+    let qmax = qhi.iter().copied().max().unwrap_or(0);
+    let qmin = qlo.iter().copied().min().unwrap_or(0);
     let q_of = |src: &'_ [f32], kh: usize, r: usize| -> std::ops::Range<usize> {
         let (rep, t) = (r / it.tqn, r % it.tqn);
         let o = ctx.rows.dense(it.b, kh * gqa + rep, it.tq0 + t) * d;
@@ -1159,13 +1276,8 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
         o..o + d
     };
     for page in &ctx.pages[it.b][it.p0..it.p1] {
-        if ctx.causal && page.min_pos > qmax {
+        if page.min_pos > qmax || page.max_pos < qmin {
             continue;
-        }
-        if let Some(w) = ctx.window {
-            if (page.max_pos as i64) <= qmin as i64 - w as i64 {
-                continue;
-            }
         }
         let lay = page.lay;
         // Keys `bits` wide, values `vbits` (equal but in asymmetric block formats).
@@ -1293,12 +1405,7 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
                 for r in 0..nr {
                     let t = r % it.tqn;
                     let prow = kh * nr + r;
-                    let qp = qpos[t];
-                    let hi = if ctx.causal { qp } else { i32::MAX };
-                    let lo = match ctx.window {
-                        Some(w) => (qp as i64 - w as i64 + 1).max(i32::MIN as i64) as i32,
-                        None => i32::MIN,
-                    };
+                    let (hi, lo) = (qhi[t], qlo[t]);
                     let s = &mut scores[hh * nr + r];
                     if let Some(cap) = ctx.softcap {
                         for v in s.iter_mut() {
@@ -1392,7 +1499,107 @@ fn run_tiles<const FMA: bool, const VNNI: bool, const CAP: usize>(ctx: &Ctx, it:
             }
         }
     }
+    // The recent rows join the first page range's state (every query block has one).
+    if it.p0 == 0 {
+        if let Some(rc) = &ctx.recent {
+            recent_rows::<FMA>(ctx, rc, it, &mut part);
+        }
+    }
     part
+}
+
+/// `Σ a[c] * b[c]` in 16 lanes, so that it vectorizes.
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            acc[i] = madd::<FMA>(x[i], y[i], acc[i]);
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ar.iter().zip(br) {
+        tail = madd::<FMA>(*x, *y, tail);
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Adds an item's recent rows (see [`Recent`]) to its softmax state: per query token and
+/// KV head the held rows are read once into f32 tiles and scored by every query head of the
+/// group; values are summed in the model's basis (`plain`), as the rows are stored.
+/// Inlined into [`run_tiles`] so that it is compiled for the caller's SIMD level.
+#[inline(always)]
+fn recent_rows<const FMA: bool>(ctx: &Ctx, rc: &Recent, it: &Item, part: &mut Partial) {
+    let m = ctx.meta;
+    let (d, hkv, hq) = (m.d, m.heads, ctx.rows.hq);
+    let gqa = hq / hkv;
+    let r = rc.r;
+    let n0 = rc.k[0].shape[1];
+    let lag = rc.lag[it.b] as usize;
+    let mut kt = vec![0f32; r * d];
+    let mut vt = vec![0f32; r * d];
+    let mut s = vec![0f32; r];
+    let mut cols = Vec::with_capacity(r);
+    for t in 0..it.tqn {
+        let row = ctx.rows.q0[it.b] + it.tq0 + t;
+        let p = ctx.qpos[row] as i64;
+        cols.clear();
+        for j in r - lag..r {
+            let back = r - 1 - j; // the key is `back` positions before the query
+            let e = rc.idx[row * r + j];
+            if e >= 0 && p >= back as i64 && ctx.window.is_none_or(|w| back < w) {
+                cols.push(e as usize);
+            }
+        }
+        if cols.is_empty() {
+            continue;
+        }
+        let n = cols.len();
+        for kh in 0..hkv {
+            for (u, &e) in cols.iter().enumerate() {
+                let (src, i) = if e < n0 { (0, e) } else { (1, e - n0) };
+                rc.k[src].read_row(0, i, kh, &mut kt[u * d..(u + 1) * d]);
+                rc.v[src].read_row(0, i, kh, &mut vt[u * d..(u + 1) * d]);
+            }
+            for rep in 0..gqa {
+                let h = kh * gqa + rep;
+                let qo = ctx.rows.dense(it.b, h, it.tq0 + t) * d;
+                let q = &ctx.q[qo..qo + d];
+                let mut mx = f32::NEG_INFINITY;
+                for u in 0..n {
+                    let mut x = dot::<FMA>(q, &kt[u * d..(u + 1) * d]);
+                    if let Some(cap) = ctx.softcap {
+                        x = cap * (x / cap).tanh();
+                    }
+                    s[u] = x;
+                    mx = mx.max(x);
+                }
+                let prow = h * it.tqn + t;
+                let mold = part.m[prow];
+                let mnew = mold.max(mx);
+                let acc = &mut part.plain[prow * d..(prow + 1) * d];
+                if mnew > mold {
+                    let corr = exp_f32(mold - mnew);
+                    part.l[prow] *= corr;
+                    acc.iter_mut().for_each(|x| *x *= corr);
+                    part.rot[prow * d..(prow + 1) * d]
+                        .iter_mut()
+                        .for_each(|x| *x *= corr);
+                    part.m[prow] = mnew;
+                }
+                for u in 0..n {
+                    let pu = exp_f32(s[u] - mnew);
+                    part.l[prow] += pu;
+                    let v = &vt[u * d..(u + 1) * d];
+                    for c in 0..d {
+                        acc[c] = madd::<FMA>(pu, v[c], acc[c]);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use std::sync::Arc;
 
-use crate::attend::{self, Job, Masking, Options, Queries};
+use crate::attend::{self, Job, Masking, Options, Queries, Recent};
 use crate::config::{KeyLayout, Meta, QuantConfig};
 use crate::cuda::abi::RkvLayout;
 use crate::cuda::backend::Backend;
@@ -438,6 +438,8 @@ pub struct AttendArgs<'a> {
     pub query_start_loc: &'a [i64],
     /// Masking and scale (`positions` must be `None`: positions are token indices).
     pub opts: Options<'a>,
+    /// Rows read beside the pool: a serving engine's recent window (CPU only).
+    pub recent: Option<Recent<'a>>,
 }
 
 /// Attention of each request's queries over its tokens in the pool; writes
@@ -545,6 +547,7 @@ pub fn attend(
         causal: a.opts.causal,
         softcap: a.opts.softcap,
         masking,
+        recent: a.recent,
     };
     attend::run(level, &job, q, out, lse)
 }

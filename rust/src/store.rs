@@ -341,6 +341,7 @@ impl KVStore {
             causal: a.causal,
             softcap: a.softcap,
             masking,
+            recent: None,
         };
         attend::run(level, &job, q, out, lse)
     }

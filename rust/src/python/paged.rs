@@ -13,7 +13,7 @@ use std::sync::Arc;
 use super::device::{
     backend_for, check_on_device, dev_tensor, guard, raw_tensor, use_torch_stream,
 };
-use crate::attend::Options;
+use crate::attend::{Options, Recent};
 use crate::cuda::backend::Backend;
 use crate::cuda::launch::{PoolTables, PoolWrite};
 use crate::device::DevTensor;
@@ -465,8 +465,17 @@ pub fn write(
 /// outside the pool read as no tokens. ``max_query_len``: the most queries of one request
 /// (serving engines know it); without it, one read of ``query_start_loc`` waits for the
 /// device.
+///
+/// Recent rows (CPU pools): a serving engine's 16-bit window of each request's newest
+/// tokens, kept beside the pool, read in the same softmax as the pages. ``recent_k``/
+/// ``recent_v: [N, Hkv, D]`` (side rows) and optionally ``step_k``/``step_v: [T, Hkv, D]``
+/// (the step's own rows) are the sources, any float dtype; ``recent_idx: [Tq_total, R]``:
+/// column ``j`` of a query at position ``p`` is the key at ``p - R + 1 + j``, held in row
+/// ``recent_idx[i, j]`` (rows ``0..N`` of ``recent_k``, then ``N..N + T`` of ``step_k``;
+/// ``-1``: not held); ``recent_lag: [B]``: request ``b`` reads its newest ``recent_lag[b]``
+/// positions (``<= R``) from the rows and only older ones from the pool. Needs ``causal``.
 #[pyfunction(name = "_paged_attend")]
-#[pyo3(signature = (pool, fmt, q, block_table, seq_lens, query_start_loc, *, plan=None, layer=0, scale=None, causal=true, window=None, softcap=None, out=None, return_lse=false, rope_inv_freq=None, rope_scaling=1.0, max_query_len=None, device=None))]
+#[pyo3(signature = (pool, fmt, q, block_table, seq_lens, query_start_loc, *, plan=None, layer=0, scale=None, causal=true, window=None, softcap=None, out=None, return_lse=false, rope_inv_freq=None, rope_scaling=1.0, max_query_len=None, device=None, recent_k=None, recent_v=None, recent_idx=None, recent_lag=None, step_k=None, step_v=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn attend<'py>(
     py: Python<'py>,
@@ -488,8 +497,28 @@ pub fn attend<'py>(
     rope_scaling: f64,
     max_query_len: Option<i64>,
     device: Option<&str>,
+    recent_k: Option<Bound<'py, PyAny>>,
+    recent_v: Option<Bound<'py, PyAny>>,
+    recent_idx: Option<Bound<'py, PyAny>>,
+    recent_lag: Option<Bound<'py, PyAny>>,
+    step_k: Option<Bound<'py, PyAny>>,
+    step_v: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let f = fmt_arg(py, &fmt)?;
+    let given = [&recent_k, &recent_v, &recent_idx, &recent_lag].map(|x| x.is_some());
+    let with_recent = given.iter().any(|&g| g);
+    if with_recent && !given.iter().all(|&g| g) {
+        return Err(arg_err(
+            py,
+            "recent_k: recent_k, recent_v, recent_idx and recent_lag go together".to_string(),
+        ));
+    }
+    if step_k.is_some() != step_v.is_some() || (step_k.is_some() && !with_recent) {
+        return Err(arg_err(
+            py,
+            "step_k: step_k and step_v go together, with recent_k".to_string(),
+        ));
+    }
     let plan = plan_arg(py, &f, plan.as_ref())?;
     if layer < 0 {
         return Err(arg_err(py, format!("layer: expected >= 0, got {layer}")));
@@ -521,6 +550,13 @@ pub fn attend<'py>(
         lag: 0,
     };
     if let Some((dev, bk)) = device_of(py, &pool, device)? {
+        if with_recent {
+            return Err(arg_err(
+                py,
+                "recent_k: recent rows are read by the CPU kernels only (pools in host memory)"
+                    .to_string(),
+            ));
+        }
         let (pool_ptr, nb) = dev_pool(&pool, &dev, f.block_bytes())?;
         let qd = dev_rows(&q, "q", &dev)?;
         let [_, tq, hq, d] = qd.shape;
@@ -670,6 +706,59 @@ pub fn attend<'py>(
         )?,
     };
     let mut ob = borrow(&out_obj, "out")?;
+    let rows_shape = format!("[rows, {}, {}]", f.heads, f.d);
+    let srcs = match (&recent_k, &recent_v) {
+        (Some(k), Some(v)) => Some([
+            borrow(k, "recent_k")?,
+            borrow(v, "recent_v")?,
+            match &step_k {
+                Some(x) => borrow(x, "step_k")?,
+                None => borrow(k, "recent_k")?,
+            },
+            match &step_v {
+                Some(x) => borrow(x, "step_v")?,
+                None => borrow(v, "recent_v")?,
+            },
+        ]),
+        _ => None,
+    };
+    let idx = match &recent_idx {
+        Some(x) => Some(int_array(py, x, "recent_idx")?),
+        None => None,
+    };
+    let lag = match &recent_lag {
+        Some(x) => Some(ints(py, x, "recent_lag", 1)?),
+        None => None,
+    };
+    let recent = match (&srcs, &idx, &lag) {
+        (Some(s), Some((idx, ishape)), Some(lag)) => {
+            if ishape.len() != 2 {
+                return Err(shape_err(
+                    py,
+                    format!("recent_idx: expected [Tq, R], got shape {ishape:?}"),
+                ));
+            }
+            let names = ["recent_k", "recent_v", "step_k", "step_v"];
+            let mut views = Vec::with_capacity(4);
+            for (b, n) in s.iter().zip(names) {
+                views.push(b.view3(py, n, &rows_shape)?);
+            }
+            if step_k.is_none() {
+                // No step rows: an empty second source.
+                for v in &mut views[2..] {
+                    v.shape[1] = 0;
+                }
+            }
+            Some(Recent {
+                k: [views[0], views[2]],
+                v: [views[1], views[3]],
+                idx,
+                r: ishape[1],
+                lag,
+            })
+        }
+        _ => None,
+    };
     let args = paged::AttendArgs {
         q: qv,
         block_table: &bt,
@@ -677,6 +766,7 @@ pub fn attend<'py>(
         seq_lens: &lens,
         query_start_loc: &qsl,
         opts,
+        recent,
     };
     let mut lse = vec![0f32; if return_lse { tq * hq } else { 0 }];
     let mut o = ob.out();

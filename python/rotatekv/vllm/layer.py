@@ -1,113 +1,25 @@
-"""rotatekv inside vLLM: an attention backend that keeps vLLM's KV blocks as packed rotatekv
-blocks (:mod:`rotatekv.paged`), written through vLLM's slot mapping and read through its
-block tables.
-
-Installing rotatekv registers the plugin (entry point ``vllm.general_plugins``); it changes
-nothing until rotatekv is asked for, with ``LLM(..., additional_config={"rotatekv": {...}})``
-or the same JSON in the environment variable ``ROTATEKV_VLLM`` (for ``vllm serve``)::
-
-    LLM(model=DIR, block_size=64, additional_config={"rotatekv": {"bits": 2}})
-
-Settings: ``bits`` (2, 3, 4, 8 or 16), ``key_bits``/``value_bits`` (keys and values of their
-own widths), ``group_size`` (channels per scale and zero), ``residual`` (each query's newest
-tokens kept in 16 bits, default 32; 0: none) and ``calibration`` (a ``rotatekv calibrate``
-file: per-layer orderings and clips, pre- or post-RoPE). vLLM's ``block_size`` must be 32 or
-64 (a rotatekv block). The cache stays ``kv_cache_dtype="auto"``: the backend resizes each
-cache cell to the packed bytes of a token (``customize_spec``), so the pool holds as many
-more tokens as the format is smaller.
-
-On CPU vLLM always runs its ``CPU_ATTN`` backend; the plugin puts this class in its place,
-and without rotatekv settings every layer gets vLLM's own implementation (the class below
-hands construction back to it). Keys reach the backend after RoPE: without a calibration the
-rotation is the post-RoPE per-head Walsh-Hadamard transform; a pre-RoPE calibration undoes
-the model's RoPE (computed from its config) at each token's position before packing.
-
-The recent window (:mod:`rotatekv.recent`) keeps 16-bit copies of every request's newest
-tokens in side rows beside the pool, sized for ``max_num_seqs`` requests; its size is logged
-at start. vLLM gives every layer cells of one size, so a calibration's per-layer widths run
-at the widest of them (narrower layers would leave their cells' extra bytes unused).
-
-Not here yet (issue 19): attention sinks (the calibration's rule needs each layer's input,
-which an attention backend does not see), per-channel key layouts, calibrations under tensor
-parallelism, and the CUDA registration.
-"""
+"""One rotatekv attention layer inside vLLM, under either backend (:mod:`.cpu`,
+:mod:`.cuda`): settings to a block format and plan, vLLM's slots written with
+:func:`rotatekv.paged.write`, its block tables read with :func:`rotatekv.paged.attend`, the
+recent window beside the pool (:mod:`rotatekv.recent`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 from typing import Any, ClassVar
 
 import torch
 from vllm.config import get_current_vllm_config_or_none
 from vllm.forward_context import get_forward_context
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
-from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-from . import RotationPlan, paged, recent
-from ._rope import from_config as rope_from_config
-from ._rotatekv import _CLASS_BITS, ArgumentError
+from .. import RotationPlan, paged, recent
+from .._rope import from_config as rope_from_config
+from .._rotatekv import ArgumentError
+from . import BLOCK_SIZES, plan_for_heads, rank_heads, settings
 
-ENV = "ROTATEKV_VLLM"
-KEYS = ("bits", "key_bits", "value_bits", "group_size", "residual", "calibration")
-BLOCK_SIZES = (32, 64)
-DEFAULT_RESIDUAL = 32
-log = logging.getLogger(__name__)
-
-
-def register() -> None:
-    """The ``vllm.general_plugins`` entry point (run in every vLLM process; idempotent)."""
-    register_backend(AttentionBackendEnum.CPU_ATTN, f"{__name__}.RotateKVBackend")
-
-
-def settings(additional_config: Any = None) -> dict[str, Any] | None:
-    """The rotatekv settings of a vLLM run: ``additional_config["rotatekv"]``, else the JSON
-    of ``$ROTATEKV_VLLM``, else ``None`` (rotatekv not asked for). Checked here: an unknown
-    key or width fails at engine start, naming it."""
-    raw: Any = None
-    source = "additional_config['rotatekv']"
-    if isinstance(additional_config, dict) and "rotatekv" in additional_config:
-        raw = additional_config["rotatekv"]
-    elif os.environ.get(ENV):
-        source = ENV
-        try:
-            raw = json.loads(os.environ[ENV])
-        except json.JSONDecodeError as e:
-            raise ArgumentError(f"{ENV}: expected a JSON object, got {os.environ[ENV]!r}") from e
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise ArgumentError(f"{source}: expected a dict of settings, got {raw!r}")
-    for k in raw:
-        if k not in KEYS:
-            raise ArgumentError(f"{source}.{k}: unknown setting (expected one of {KEYS})")
-    out = {
-        "bits": 2,
-        "key_bits": None,
-        "value_bits": None,
-        "group_size": None,
-        "residual": DEFAULT_RESIDUAL,
-        "calibration": None,
-        **raw,
-    }
-    for k in ("bits", "key_bits", "value_bits"):
-        if out[k] is not None and out[k] not in _CLASS_BITS:
-            classes = ", ".join(map(str, _CLASS_BITS))
-            raise ArgumentError(f"{source}.{k}: expected one of {classes}, got {out[k]!r}")
-    r = out["residual"]
-    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= max(BLOCK_SIZES):
-        raise ArgumentError(
-            f"{source}.residual: expected an int from 0 to the block size, got {r!r}"
-        )
-    cal = out["calibration"]
-    if cal is not None and (not isinstance(cal, str) or not os.path.isfile(cal)):
-        raise ArgumentError(
-            f"{source}.calibration: expected the path of a `rotatekv calibrate` file, got {cal!r}"
-        )
-    return out
+log = logging.getLogger("rotatekv.vllm")
 
 
 @dataclasses.dataclass
@@ -152,7 +64,62 @@ class _Model:
         return self.windows[group]
 
 
-def _load_model(s: dict[str, Any], cfg: Any, heads: int, head_size: int) -> _Model:
+def check_config(cfg: Any) -> None:
+    """What can be checked before any worker starts: the settings, the model's head size
+    against the block format, a calibration against the model (each tensor-parallel rank's
+    part). Run in the front-end process (``register`` hooks it into vLLM's configuration), so
+    a bad setting fails where the engine is created, naming it; the workers check again."""
+    s = settings(getattr(cfg, "additional_config", None))
+    if s is None or getattr(cfg, "model_config", None) is None:
+        return
+    hf = cfg.model_config.hf_config
+    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    q_heads = int(text.num_attention_heads)
+    total = int(getattr(text, "num_key_value_heads", None) or q_heads)
+    d = int(getattr(text, "head_dim", None) or text.hidden_size // q_heads)
+    tp = cfg.parallel_config.tensor_parallel_size
+    heads = max(1, total // tp)
+    try:
+        paged.BlockFormat(
+            heads,
+            d,
+            bits=s["bits"],
+            group_size=s["group_size"],
+            key_bits=s["key_bits"],
+            value_bits=s["value_bits"],
+        )
+    except ValueError as e:
+        raise ArgumentError(
+            f"head_size: rotatekv blocks cannot hold this model's heads ({e})"
+        ) from e
+    if s["calibration"] is not None:
+        for rank in range(tp):
+            _load_model(s, cfg, heads, d, rank)
+
+
+def install_front_end_check() -> None:
+    """Runs :func:`check_config` where vLLM validates a new configuration (the platform's
+    ``check_and_update_config``, called in the process that creates the engine). Idempotent."""
+    from vllm.platforms import current_platform
+
+    cls = type(current_platform)
+    if getattr(cls.check_and_update_config, "_rotatekv", False):
+        return
+    vllm_check = cls.check_and_update_config
+
+    def check(klass: Any, vllm_config: Any) -> None:
+        check_config(vllm_config)
+        vllm_check(vllm_config)
+
+    check._rotatekv = True  # type: ignore[attr-defined]
+    cls.check_and_update_config = classmethod(check)  # type: ignore[method-assign,assignment]
+
+
+def _load_model(
+    s: dict[str, Any], cfg: Any, heads: int, head_size: int, rank: int | None = None
+) -> _Model:
+    """The process's model: plan and widths (``rank``: the tensor-parallel rank whose part of
+    a calibration to take; ``None``: this process's)."""
     hf = cfg.model_config.hf_config
     text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
     n = int(text.num_hidden_layers)
@@ -160,7 +127,7 @@ def _load_model(s: dict[str, Any], cfg: Any, heads: int, head_size: int) -> _Mod
     if s["calibration"] is None:
         plan = RotationPlan.hadamard(n, heads, head_size, mode="post_rope")
         return _Model(plan, bits, kb, vb, n, hf)
-    from .calibrate import Calibration
+    from ..calibrate import Calibration
 
     path = s["calibration"]
     what = f"calibration: {path!r}"
@@ -171,8 +138,17 @@ def _load_model(s: dict[str, Any], cfg: Any, heads: int, head_size: int) -> _Mod
     p = cal.plan
     want = (n, heads, head_size)
     got = (p.num_layers, p.num_kv_heads, p.head_dim)
+    tp = cfg.parallel_config.tensor_parallel_size
+    total = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+    if tp > 1 and got == (n, total, head_size):
+        # A calibration of the whole model: this rank's heads of it.
+        if rank is None:
+            from vllm.distributed import get_tensor_model_parallel_rank
+
+            rank = get_tensor_model_parallel_rank()
+        p = plan_for_heads(p, *rank_heads(total, tp, rank))
+        got = (p.num_layers, p.num_kv_heads, p.head_dim)
     if got != want:
-        tp = cfg.parallel_config.tensor_parallel_size
         raise ArgumentError(
             f"{what} was made for another model: (layers, KV heads, head size) {got}, this "
             f"model (per tensor-parallel rank, of {tp}) has {want}"
@@ -198,71 +174,53 @@ def _load_model(s: dict[str, Any], cfg: Any, heads: int, head_size: int) -> _Mod
     return _Model(p, bits, kb, vb, n, hf)
 
 
-class RotateKVBackend(CPUAttentionBackend):
-    """vLLM's CPU backend with rotatekv's packed blocks as the KV cache (see the module)."""
-
-    # The cell size of every layer of this process (vLLM asks for the spec without a layer:
-    # the implementations set it when the model is built, before the cache is sized).
-    cell_bytes: ClassVar[int | None] = None
-
-    @staticmethod
-    def get_name() -> str:
-        return "CPU_ATTN"
-
-    @staticmethod
-    def get_impl_cls() -> type[CPUAttentionBackendImpl]:
-        return RotateKVImpl
-
-    @classmethod
-    def customize_spec(cls, spec: Any) -> Any:
-        if cls.cell_bytes is None or spec.state_content_bytes is not None:
-            return spec
-        return dataclasses.replace(spec, dtype=torch.uint8, state_content_bytes=cls.cell_bytes)
-
-
-class RotateKVImpl(CPUAttentionBackendImpl):
-    """Writes and attends through :mod:`rotatekv.paged`. Without rotatekv settings the
-    constructor returns vLLM's own implementation instead."""
+class Layer:
+    """rotatekv's side of an attention layer: both backends' implementations derive from it
+    (after their vLLM base, so its ``do_kv_cache_update`` and ``forward`` win)."""
 
     # The plan, widths and window every layer of this process shares (one model each).
     model: ClassVar[_Model | None] = None
+    # The cell size of every layer of this process (vLLM asks for the spec without a layer:
+    # the implementations set it when the model is built, before the cache is sized).
+    cell_bytes: ClassVar[int | None] = None
+    # Where the kernels run: None follows the pool's tensor (CPU or CUDA); tests set "emu"
+    # to run the CUDA kernels' host build over CPU tensors.
+    kernel_device: str | None = None
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        cfg = get_current_vllm_config_or_none()
-        if settings(getattr(cfg, "additional_config", None)) is None:
-            return CPUAttentionBackendImpl(*args, **kwargs)
-        return super().__new__(cls)
+    @classmethod
+    def customize_spec(cls, spec: Any) -> Any:
+        """vLLM's cache spec with cells of the packed bytes of a token and KV head."""
+        if Layer.cell_bytes is None or spec.state_content_bytes is not None:
+            return spec
+        return dataclasses.replace(spec, dtype=torch.uint8, state_content_bytes=Layer.cell_bytes)
 
-    def __init__(
+    def _setup(
         self,
+        s: dict[str, Any],
         num_heads: int,
         head_size: int,
         scale: float,
-        num_kv_heads: int,
-        alibi_slopes: list[float] | None,
-        sliding_window: int | None,
-        kv_cache_dtype: str,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
         logits_soft_cap: float | None = None,
         attn_type: str = "decoder",
         kv_sharing_target_layer_name: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_heads,
-            head_size,
-            scale,
-            num_kv_heads,
-            alibi_slopes,
-            sliding_window,
-            kv_cache_dtype,
-            logits_soft_cap,
-            attn_type,
-            kv_sharing_target_layer_name,
-            **kwargs,
-        )
+        """Checks the layer against what rotatekv holds and sets up its format, plan and
+        window (``s``: :func:`rotatekv.vllm.settings`; the rest: vLLM's arguments of an
+        attention implementation)."""
+        if kv_sharing_target_layer_name is not None:
+            raise ArgumentError(
+                "rotatekv: layers sharing another layer's KV cache are not supported"
+            )
+        num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
         cfg = get_current_vllm_config_or_none()
-        s = settings(getattr(cfg, "additional_config", None))
-        assert s is not None  # __new__ returned vLLM's own class otherwise
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, scale
+        self.num_kv_heads = num_kv_heads
         if alibi_slopes is not None or kwargs.get("sinks") is not None:
             raise ArgumentError("rotatekv: models with ALiBi or learned sinks are not supported")
         if attn_type != "decoder":
@@ -278,9 +236,9 @@ class RotateKVImpl(CPUAttentionBackendImpl):
                 f"block_size: rotatekv blocks hold {BLOCK_SIZES[0]} or {BLOCK_SIZES[1]} tokens; "
                 f"start vLLM with block_size=64 (got {block_size})"
             )
-        if RotateKVImpl.model is None:
-            RotateKVImpl.model = _load_model(s, cfg, num_kv_heads, head_size)
-        self.m = m = RotateKVImpl.model
+        if Layer.model is None:
+            Layer.model = _load_model(s, cfg, num_kv_heads, head_size)
+        self.m = m = Layer.model
         model_dtype = cfg.model_config.dtype
         self.fmt = paged.BlockFormat(
             num_kv_heads,
@@ -300,7 +258,7 @@ class RotateKVImpl(CPUAttentionBackendImpl):
                 f"{self.fmt.key_bits}/{self.fmt.value_bits} bits does not split into "
                 "whole per-token cells"
             )
-        RotateKVBackend.cell_bytes = cell
+        Layer.cell_bytes = cell
         quantized = self.fmt.key_bits < 16
         self.plan = m.plan if quantized else None
         residual = s["residual"] if quantized else 0
@@ -400,6 +358,7 @@ class RotateKVImpl(CPUAttentionBackendImpl):
             slot_mapping[:n],
             plan=self.plan,
             layer=li if self.plan is not None else 0,
+            device=self.kernel_device,
             **kw,
         )
         if meta is not None and self.recent is not None:
@@ -425,7 +384,7 @@ class RotateKVImpl(CPUAttentionBackendImpl):
         li = self._layer(layer)
         rope = self.m.rope(li) if self.plan is not None else {}
         if self.plan is not None and self.recent is not None:
-            res = recent.attend(
+            recent.attend(
                 self.recent,
                 li,
                 self._pool(kv_cache),
@@ -438,9 +397,10 @@ class RotateKVImpl(CPUAttentionBackendImpl):
                 window=self.window,
                 softcap=self.softcap,
                 plan=self.plan,
+                out=out,
+                device=self.kernel_device,
                 **rope,
             )
-            out.copy_(res)
             return output
         paged.attend(
             self._pool(kv_cache),
@@ -456,6 +416,9 @@ class RotateKVImpl(CPUAttentionBackendImpl):
             window=self.window,
             softcap=self.softcap,
             out=out,
+            # Known on the host: on a device the kernel then needs no read-back.
+            max_query_len=int(attn_metadata.max_query_len),
+            device=self.kernel_device,
             **rope,
         )
         return output

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: what the device machine runs in its one call (README, "CUDA backend").
+# The GPU check: what the device machine runs in its one call (docs/cuda.md).
 #   run(command="bash benches/gpu_check.sh", carry=["dist"], timeout_s=600)
 # It installs the abi3 wheel built on the CPU machine (`maturin build --release` into dist/)
 # without dependencies, so the machine's own torch and numpy stay; runs the CUDA tests; then

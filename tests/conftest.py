@@ -19,7 +19,7 @@ settings.register_profile(
 )
 # A longer run for local bug hunting: ROTATEKV_HYPOTHESIS_PROFILE=thorough pytest tests
 settings.register_profile("thorough", parent=settings.get_profile("rotatekv"), max_examples=400)
-# The README's recorded fuzz runs: ROTATEKV_HYPOTHESIS_PROFILE=long pytest -k fuzz tests
+# Recorded fuzz runs (docs/reliability.md): ROTATEKV_HYPOTHESIS_PROFILE=long pytest -k fuzz tests
 settings.register_profile("long", parent=settings.get_profile("rotatekv"), max_examples=5000)
 settings.load_profile(os.environ.get("ROTATEKV_HYPOTHESIS_PROFILE", "rotatekv"))
 

@@ -407,7 +407,7 @@ def fit(
             # Per-channel key scales (KIVI's layout) cost more bits (16-bit tokens until a
             # block fills); take them only where they at least halve the error of per-token
             # groups (keys with big per-channel offsets, per-head norms). On SmolLM2 the best
-            # ratio is 0.62, and the bits are better spent on wider layers (README).
+            # ratio is 0.62, and the bits are better spent on wider layers (docs/benchmarks.md).
             ctx = (ld, spec, spec.ropes[layer], one, protect, ld.scale)
             base_cfg = QuantConfig(bits=bits, group_size=group_size)
             e_tok = _clip_error(ctx, base_cfg, kc, vc)

@@ -43,8 +43,8 @@ def _paper(**over: Any) -> dict[str, Any]:
 
 # Our product default: the paper's rotation with reordering picked per layer, per-layer clip
 # search, sinks, key layouts picked per layer, a short full-precision window of recent tokens,
-# and at 2 bits the layers that gain most from a third bit stored at 3 (README has the numbers
-# that chose it).
+# and at 2 bits the layers that gain most from a third bit stored at 3 (docs/benchmarks.md has
+# the numbers that chose it).
 DEFAULT_RESIDUAL = 32
 # Share of layers rotatekv2 stores at 3 bits: the largest at which its effective bits stay at
 # or below kivi2's on 512-token windows of the default model (13 of 30 layers).

@@ -8,7 +8,7 @@ sits at slot ``block_table[b, j // block_size] * block_size + j % block_size`` a
 position ``j``. Blocks may be shared between requests (prefix caching); ``write`` touches only
 the slots it is given.
 
-The kernels are the ones :class:`rotatekv.KVStore` runs (README's format section documents
+The kernels are the ones :class:`rotatekv.KVStore` runs (docs/format.md documents
 a block byte by byte). Tensors are read and written in place: CPU tensors and numpy arrays
 by the CPU kernels, CUDA tensors by the CUDA kernels on torch's current stream, which read
 the slot mapping and block tables on the device (``device="emu"`` runs those kernels' host

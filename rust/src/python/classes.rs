@@ -413,7 +413,7 @@ impl PyPageBuffer {
             .as_ref()
             .map_or((1, 0), |d| d.backend.dlpack_device())
     }
-    /// Byte offsets of the sections (see README's layout table).
+    /// Byte offsets of the sections (see docs/format.md's layout table).
     #[getter]
     fn layout(&self) -> HashMap<String, usize> {
         self.layout.clone()

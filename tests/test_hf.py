@@ -3,6 +3,8 @@ packaged default model, against the unmodified model."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -294,6 +296,24 @@ def test_unrope_inverts_the_models_rotation() -> None:
     _, kr = apply_rotary_pos_emb(k, k, cos, sin)
     assert spec.ropes[0].scaling != 1.0  # yarn scales cos and sin
     assert torch.allclose(rh.unrope(kr, pos, spec.ropes[0]), k, atol=1e-5)
+
+
+def test_converted_models_are_keyed_by_content(tmp_path) -> None:
+    """Copies of one GGUF file installed at different times share their converted model;
+    another file (a changed byte at either end) does not."""
+    from rotatekv.models import content_key
+
+    data = bytearray(torch.randint(0, 256, (3 << 20,), dtype=torch.uint8).numpy().tobytes())
+    a, b, c = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"
+    a.write_bytes(data)
+    b.write_bytes(data)
+    os.utime(b, (1, 1))  # installed at another time
+    assert content_key(a) == content_key(b)
+    for at in (0, len(data) - 1):
+        changed = bytearray(data)
+        changed[at] ^= 1
+        c.write_bytes(changed)
+        assert content_key(c) != content_key(a), at
 
 
 @pytest.fixture(scope="session")

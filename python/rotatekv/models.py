@@ -2,12 +2,13 @@
 
 GGUF weights are dequantized by transformers on every load (slow); the first load saves the
 converted model and tokenizer as safetensors under the cache directory
-(``$ROTATEKV_CACHE`` or ``~/.cache/rotatekv``) keyed by the GGUF file's size and mtime, and
-later loads read that copy.
+(``$ROTATEKV_CACHE`` or ``~/.cache/rotatekv``) keyed by the GGUF file's content (size and a
+hash of its ends), and later loads, from any virtualenv, read that copy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -77,6 +78,19 @@ def load(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch
     return m, tok
 
 
+def content_key(path: Path) -> str:
+    """A key for a model file's converted copy: its size and a hash of its first and last
+    MiB (GGUF headers name the tensors and their offsets), so that every virtualenv and
+    every install of the same file shares one copy."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return f"{size}-{h.hexdigest()[:16]}"
+
+
 def model_dir(model: str | os.PathLike[str] | None = None) -> Path:
     """A transformers directory of ``model`` (default: the packaged SmolLM2-135M-Instruct): a
     directory as given, a GGUF file converted once into the cache (what serving engines such
@@ -91,8 +105,7 @@ def model_dir(model: str | os.PathLike[str] | None = None) -> Path:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ArgumentError(f"model: expected a .gguf file or a directory, got {str(path)!r}")
-        st = path.stat()
-        conv = cache_dir() / "models" / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+        conv = cache_dir() / "models" / f"{path.stem}-{content_key(path)}"
         if not (conv / "config.json").is_file():
             m = AutoModelForCausalLM.from_pretrained(
                 path.parent, gguf_file=path.name, dtype=torch.float32

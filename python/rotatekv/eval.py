@@ -77,18 +77,26 @@ def build(
     return fit_wider(model, cal, data, ranked, cfg, wide["fraction"], progress, **args), cfg
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor, protocol: str) -> tuple[torch.Tensor, Any]:
+def _logits(
+    model: torch.nn.Module, ids: torch.Tensor, protocol: str, desc: str | None = None
+) -> tuple[torch.Tensor, Any]:
     """Next-token logits ``[W, T, V]`` of a batch of windows under one protocol, and the cache.
 
     Windows run as one batch: a decode step costs about the same for 1 or 8 sequences on a
-    CPU (the weights are read once per step)."""
+    CPU (the weights are read once per step). ``desc``: show the decode steps' progress
+    under that name (a method takes minutes token by token)."""
     cache = rh.new_cache(model)
     with torch.no_grad():
         if protocol == "fake":
             out = model(input_ids=ids, cache=cache).logits
         else:
             steps = []
-            for t in range(ids.shape[1]):
+            ts: Any = range(ids.shape[1])
+            if desc is not None:
+                from tqdm import tqdm
+
+                ts = tqdm(ts, desc=desc, unit="token", leave=False, mininterval=2.0)
+            for t in ts:
                 steps.append(model(input_ids=ids[:, t : t + 1], cache=cache).logits)
             out = torch.cat(steps, 1)
     return out, cache
@@ -145,7 +153,9 @@ def evaluate(
             if meth.plan == "rotatekv2-flat":
                 plan = dataclasses.replace(plan, layer_bits=None)
         else:
-            plan, cfg = build(meth, spec, data, model=model, calib=calib)
+            plan, cfg = build(meth, spec, data, progress=progress, model=model, calib=calib)
+            if progress and data is not None and isinstance(meth.plan, dict):
+                log(f"fitted {name} in {time.perf_counter() - t0:.1f} s")
         built[name] = (plan, cfg, time.perf_counter() - t0)
     order = ["fp16"] + [m for m in methods if m != "fp16"]
     rows = []
@@ -163,9 +173,12 @@ def evaluate(
                     cfg = cfg.replace(policy=METHODS[name].policy, budget=b)
                 rh.enable(model, plan, cfg)
                 t0 = time.perf_counter()
-                logits, cache = _logits(model, ids, proto)
+                where = f"{proto} {name}, windows {b0 + 1}-{b0 + ids.shape[0]}"
+                logits, cache = _logits(model, ids, proto, where if progress else None)
                 a = acc[name]
                 a.seconds += time.perf_counter() - t0
+                if progress:
+                    log(f"  {where}: {time.perf_counter() - t0:.1f} s")
                 logp = torch.log_softmax(logits[:, :-1].float(), -1)
                 del logits
                 a.nll -= float(logp.gather(-1, ids[:, 1:, None]).sum())

@@ -559,13 +559,15 @@ def rank_layers(
         lp = torch.log_softmax(logits[:, :-1].float(), -1)
         return -float(lp.gather(-1, windows[:, 1:, None]).mean())
 
-    base = nll(with_layer_bits(cal, wider, []))
-    it: Any = range(cal.plan.num_layers)
+    # -1 is the baseline (no layer wider), in the same progress bar as the layers.
+    it: Any = range(-1, cal.plan.num_layers)
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(it, desc="ranking layers", unit="layer")
-    gains = [(i, base - nll(with_layer_bits(cal, wider, [i]))) for i in it]
+        it = tqdm(it, desc="ranking layers", unit="forward")
+    scores = {i: nll(with_layer_bits(cal, wider, [] if i < 0 else [i])) for i in it}
+    base = scores.pop(-1)
+    gains = [(i, base - v) for i, v in scores.items()]
     return sorted(gains, key=lambda g: -g[1])
 
 

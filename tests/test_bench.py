@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from rotatekv import bench
+from rotatekv.tools import bench
 
 
 def test_parse_bytes():

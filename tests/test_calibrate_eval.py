@@ -15,8 +15,8 @@ import rotatekv  # noqa: E402
 import rotatekv.hf as rh  # noqa: E402
 from rotatekv import KVStore, QuantConfig, RotationPlan  # noqa: E402
 from rotatekv import calibrate as C  # noqa: E402
-from rotatekv import eval as E  # noqa: E402
-from rotatekv import text as T  # noqa: E402
+from rotatekv.tools import eval as E  # noqa: E402
+from rotatekv.tools import text as T  # noqa: E402
 from test_hf import tiny  # noqa: E402
 
 
@@ -255,7 +255,7 @@ def test_method_names_are_checked() -> None:
 
 
 def test_cli_rejects_bad_numbers() -> None:
-    from rotatekv.cli import main
+    from rotatekv.tools.cli import main
 
     with pytest.raises(SystemExit, match="windows"):
         main(["eval", "--windows", "0"])
@@ -411,13 +411,15 @@ def test_calibrate_with_wider_layers() -> None:
 def test_calibrate_cli_on_the_default_model(tmp_path, capsys) -> None:
     """``rotatekv calibrate`` at 2 bits widens 45% of the layers by default (13 of 30)."""
     pytest.importorskip("gguf")
-    from rotatekv.cli import main
+    from rotatekv.tools.cli import main
 
     out = tmp_path / "c.safetensors"
-    argv = ["calibrate", "--windows", "2", "--window-len", "64", "--clip", "fixed"]
+    argv = ["calibrate", "--windows", "2", "--window-len", "64", "--clip", "fixed", "--quiet"]
     assert main([*argv, "--out", str(out)]) == 0
-    assert "saved" in capsys.readouterr().out
-    from rotatekv import models
+    got = capsys.readouterr()
+    # --quiet: the result, no progress bars (collect, fit and rank each have one).
+    assert "saved" in got.out and "%|" not in got.err, got.err
+    from rotatekv.tools import models
 
     model, _ = models.load()
     cal = C.Calibration.load(out, model)

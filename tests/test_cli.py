@@ -33,6 +33,44 @@ def test_version_and_help():
     assert "(default: 16)" in r.stdout and "(default: both)" in r.stdout
 
 
+def _parsers():
+    """The top-level parser, each subcommand's, and ``rotatekv bench``'s."""
+    import argparse
+
+    from rotatekv.tools import bench, cli
+
+    top = cli._parser()
+    subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    yield "rotatekv", top
+    for name, p in subs.choices.items():
+        if name != "bench":
+            yield f"rotatekv {name}", p
+    b = argparse.ArgumentParser(prog="rotatekv bench")
+    bench.add_args(b)
+    yield "rotatekv bench", b
+
+
+def test_every_option_has_help_and_quiet():
+    for prog, p in _parsers():
+        for a in p._actions:
+            if a.option_strings and a.dest != "help":
+                assert a.help and a.help.strip(), f"{prog} {a.option_strings[0]}: no help"
+        opts = {o for a in p._actions for o in a.option_strings}
+        if prog != "rotatekv":
+            assert "--quiet" in opts, f"{prog}: no --quiet"
+
+
+def test_quiet_silences_progress(tmp_path, monkeypatch):
+    """``--quiet`` turns every progress bar off; without it the same run shows them."""
+    from rotatekv.tools import cli, model_demo
+
+    seen = []
+    monkeypatch.setattr(model_demo, "run_model_demo", lambda **kw: seen.append(kw["progress"]))
+    assert cli.main(["demo", "--windows", "1"]) == 0
+    assert cli.main(["demo", "--windows", "1", "--quiet"]) == 0
+    assert seen == [True, False]
+
+
 @pytest.mark.parametrize(
     "args,word",
     [
@@ -86,6 +124,7 @@ print("ok", rotatekv.__version__)
     )
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr
     # The command line too: its help needs no torch either.
-    cli = code.split("import numpy as np")[0] + "from rotatekv.cli import main\nmain(['--help'])\n"
+    cli = code.split("import numpy as np")[0]
+    cli += "from rotatekv.tools.cli import main\nmain(['--help'])\n"
     r = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage: rotatekv" in r.stdout, r.stderr

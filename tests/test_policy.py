@@ -269,6 +269,41 @@ def test_decoded_tokens_keep_the_layer_widths_at_their_budget() -> None:
     assert a.bits_per_element() == pytest.approx(mean_base + 0.5, abs=1.0 / 20)
 
 
+def test_policies_are_classes_behind_one_interface(gen) -> None:
+    """Every QuantConfig policy but "fixed" is a Scorer, and an Allocator takes any Scorer:
+    one that scores by position spends the budget on the newest tokens."""
+    from rotatekv._config import POLICIES
+
+    assert set(P.SCORERS) == set(POLICIES) - {"fixed"}
+    for name in P.SCORERS:
+        assert P.scorer(name).name == name
+    assert P.scorer("akvq", P.AkvqRule(pivot_mass=0.5)).rule.pivot_mass == 0.5
+    with pytest.raises(rotatekv.ArgumentError, match="policy: expected"):
+        P.scorer("bogus")
+    with pytest.raises(rotatekv.ArgumentError, match="policy: expected a name or a Scorer"):
+        P.scorer(42)  # type: ignore[arg-type]
+
+    class Newest:
+        name = "newest"
+
+        def scores(self, mean, counted, types):
+            return torch.arange(1, mean.shape[0] + 1, dtype=torch.float64), "newest"
+
+    a = P.Allocator(Newest(), 3.5, [2], _fake_cost)
+    assert a.policy == "newest"
+    t = 40
+    mean = torch.rand(1, t, generator=gen)
+    w = a.widths(0, (1, t), mean, torch.ones(1, t, dtype=torch.bool))[0]
+    assert a.patterns[0] == ["newest"]
+    # Widths never fall with position, and the budget bought more than the floor somewhere.
+    assert torch.all(w[1:] >= w[:-1]) and int(w[-1]) > 2 and int(w[0]) == 2
+    # The saliency class reproduces the name's allocation exactly.
+    b1 = P.Allocator("saliency", 3.5, [2], _fake_cost)
+    b2 = P.Allocator(P.Saliency(), 3.5, [2], _fake_cost)
+    counted = torch.rand(1, t, generator=gen) > 0.1
+    assert torch.equal(b1.widths(0, (1, t), mean, counted), b2.widths(0, (1, t), mean, counted))
+
+
 def test_allocator_refuses_a_budget_below_its_floor() -> None:
     with pytest.raises(rotatekv.ArgumentError, match="budget: expected at least"):
         P.Allocator("akvq", 3.0, [2, 3], _fake_cost)

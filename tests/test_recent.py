@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from rotatekv import KVStore, QuantConfig, RotationPlan, paged, recent
+from rotatekv import KVStore, QuantConfig, RotationPlan, engine, paged, recent
 from rotatekv._rope import from_config
 
 SEED = int(torch.randint(0, 2**31 - 1, ()).item())
@@ -159,10 +159,10 @@ def test_dense_attention_and_merge_equal_one_softmax():
     v = torch.randn(t, 2 * r, hk, d, generator=g)
     mask = torch.rand(t, 2 * r, generator=g) < 0.7
     mask[:, 0] = True
-    want, lse = recent.dense_attention(q, k, v, mask, 0.3)
-    a = recent.dense_attention(q, k[:, :r], v[:, :r], mask[:, :r], 0.3)
-    b = recent.dense_attention(q, k[:, r:], v[:, r:], mask[:, r:], 0.3)
-    torch.testing.assert_close(recent.merge(*a, *b), want, atol=1e-5, rtol=1e-5)
+    want, lse = engine.dense_attention(q, k, v, mask, 0.3)
+    a = engine.dense_attention(q, k[:, :r], v[:, :r], mask[:, :r], 0.3)
+    b = engine.dense_attention(q, k[:, r:], v[:, r:], mask[:, r:], 0.3)
+    torch.testing.assert_close(engine.merge(*a, *b)[0], want, atol=1e-5, rtol=1e-5)
     # Against a plain softmax per query and head.
     rep = k.repeat_interleave(hq // hk, 2)
     s = torch.einsum("thd,trhd->thr", q, rep) * 0.3

@@ -33,7 +33,7 @@ import torch
 
 from . import KVStore, QuantConfig, RotationPlan, hadamard
 from ._rotatekv import _CLASS_BITS, ArgumentError, FormatError
-from .hf import LayerRope, ModelSpec, model_spec, unrope
+from .hf.spec import LayerRope, ModelSpec, model_spec, unrope
 
 META_KEY = "rotatekv.calibration"
 CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4)

@@ -39,13 +39,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
 
-from ._config import POLICIES
 from ._rotatekv import _CLASS_BITS, ArgumentError, KVStore
 from .saliency import attention_mass
 
@@ -58,7 +57,7 @@ TEXT, IMAGE, OTHER = 0, 1, 2
 # Score multipliers of the AKVQ patterns: pivots outrank any other token at every step up to
 # 16 bits; text in a text-salient layer gets its third and fourth bit before other tokens
 # get a third.
-_PIVOT_SCORE = 1.0e9
+PIVOT = 1.0e9
 _TEXT_SCORE = 8.0
 
 
@@ -152,19 +151,75 @@ def akvq_scores(
         k = max(1, int(rule.pivot_fraction * int(counted.sum())))
         top = torch.topk(w, min(k, n)).indices
         if float(w[top].sum()) >= rule.pivot_mass * total:
-            s[top] = _PIVOT_SCORE
+            s[top] = PIVOT
             pattern.append("pivot")
     if types is not None:
         # Pivots are their own pattern: compare text and other tokens without them.
-        rest = counted & (s < _PIVOT_SCORE)
+        rest = counted & (s < PIVOT)
         text = (types == TEXT) & rest
         other = (types != TEXT) & rest
         if bool(text.any()) and bool(other.any()):
             mt, mo = float(w[text].mean()), float(w[other].mean())
             if mt >= rule.text_ratio * mo:
-                s = torch.where((types == TEXT) & (s < _PIVOT_SCORE), _TEXT_SCORE, s)
+                s = torch.where((types == TEXT) & (s < PIVOT), _TEXT_SCORE, s)
                 pattern.append("text")
     return s, "+".join(pattern) or "even"
+
+
+class Scorer(Protocol):
+    """What a policy is: how it ranks one sequence's chunk of tokens for the water-fill.
+
+    ``scores(mean, counted, types)`` gets the mean attention each token receives
+    (``[T]``), which tokens any query read packed, and their types (``None``: text only);
+    it returns float64 scores ``[T]`` (:data:`PIVOT` or more: keep in 16 bits when the
+    budget allows) and the pattern it found, recorded in ``Allocator.patterns``."""
+
+    name: str
+
+    def scores(
+        self, mean: torch.Tensor, counted: torch.Tensor, types: torch.Tensor | None
+    ) -> tuple[torch.Tensor, str]: ...
+
+
+@dataclass(frozen=True)
+class Saliency:
+    """``"saliency"``: tokens rank by the attention they receive."""
+
+    name: ClassVar[str] = "saliency"
+
+    def scores(
+        self, mean: torch.Tensor, counted: torch.Tensor, types: torch.Tensor | None
+    ) -> tuple[torch.Tensor, str]:
+        return mean.double(), "saliency"
+
+
+@dataclass(frozen=True)
+class Akvq:
+    """``"akvq"``: AKVQ-VL's pivot-token and text-salient patterns (:func:`akvq_scores`)."""
+
+    rule: AkvqRule = field(default_factory=AkvqRule)
+    name: ClassVar[str] = "akvq"
+
+    def scores(
+        self, mean: torch.Tensor, counted: torch.Tensor, types: torch.Tensor | None
+    ) -> tuple[torch.Tensor, str]:
+        return akvq_scores(mean, counted, types, self.rule)
+
+
+# The policies that allocate widths per token, by QuantConfig.policy name ("fixed" needs
+# no allocator).
+SCORERS: dict[str, type[Saliency] | type[Akvq]] = {"saliency": Saliency, "akvq": Akvq}
+
+
+def scorer(policy: str | Scorer, rule: AkvqRule | None = None) -> Scorer:
+    """The policy named ``policy`` (``rule``: AKVQ's thresholds), or ``policy`` itself."""
+    if not isinstance(policy, str):
+        if not callable(getattr(policy, "scores", None)):
+            raise ArgumentError(f"policy: expected a name or a Scorer, got {policy!r}")
+        return policy
+    if policy not in SCORERS:
+        raise ArgumentError(f"policy: expected one of {sorted(SCORERS)}, got {policy!r}")
+    return Akvq(rule or AkvqRule()) if policy == "akvq" else Saliency()
 
 
 class Allocator:
@@ -174,21 +229,19 @@ class Allocator:
 
     def __init__(
         self,
-        policy: str,
+        policy: str | Scorer,
         budget: float,
         layer_bits: Sequence[int],
         cost: Callable[[int, int], float],
         rule: AkvqRule | None = None,
         floor: int | None = None,
     ) -> None:
-        if policy not in POLICIES or policy == "fixed":
-            raise ArgumentError(f"policy: expected 'saliency' or 'akvq', got {policy!r}")
-        self.policy = policy
+        self.scorer = scorer(policy, rule)
+        self.policy = self.scorer.name
         self.budget = float(budget)
         self.layer_bits = list(layer_bits)
         # A token's cost per (layer, class), read once from the stores.
         self.costs = [{c: float(cost(i, c)) for c in CLASSES} for i in range(len(self.layer_bits))]
-        self.rule = rule or AkvqRule()
         # The narrowest width a token gets: a wider layer's tokens may go below its width
         # (the layer keeps its extra budget, spent where attention says).
         self.floor = min(self.layer_bits) if floor is None else int(floor)
@@ -310,13 +363,10 @@ class Allocator:
             if mean is None or counted is None:
                 # No pattern recorded: decode steps would grow the record without bound.
                 scores = torch.ones(t, dtype=torch.float64)
-            elif self.policy == "saliency":
-                # Tokens without statistics are taken out below; the rest rank by it.
-                scores = mean[i].cpu().double()
-                pats.append("saliency")
             else:
+                # Tokens without statistics are taken out below; the rest rank by score.
                 ty = None if types is None else types[i].cpu()
-                scores, pat = akvq_scores(mean[i].cpu(), counted[i].cpu() & free, ty, self.rule)
+                scores, pat = self.scorer.scores(mean[i].cpu(), counted[i].cpu() & free, ty)
                 pats.append(pat)
             fi = torch.nonzero(free).flatten()
             if mean is not None and counted is not None:
@@ -330,7 +380,7 @@ class Allocator:
                 spent[i] += int(blind.sum()) * cost[own]
                 fi = fi[~blind]
             sc = scores[fi]
-            pivots = sc >= _PIVOT_SCORE
+            pivots = sc >= PIVOT
             npiv = int(pivots.sum())
             if npiv:
                 # AKVQ-VL keeps a pivot-salient layer's pivots whole even where the layer's

@@ -10,7 +10,7 @@ prefill chunks included:
   ``p - w`` and (causally) sees exactly the keys ``<= p - w``;
 * the window part is a small dense attention of each query over its ``w`` newest keys:
   the step's own keys as the model computed them, older ones from side rows kept here;
-* the two are merged by their log-sum-exps.
+* the two are merged by their log-sum-exps (:mod:`rotatekv.engine`'s rules).
 
 ``w`` is ``R`` unless a request's older window rows are missing (a block shared through
 prefix caching whose tokens were never in a window, or rows evicted for lack of room): its
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ._rotatekv import ArgumentError
+from .engine import dense_attention, merge
 
 # Slots per side chunk: a window of R tokens spans at most R / CHUNK + 1 chunks.
 CHUNK = 8
@@ -281,42 +282,6 @@ class RecentWindow:
         return kw, vw
 
 
-def dense_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor,
-    scale: float,
-    softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query over its own keys: ``q [T, Hq, D]``, ``k``/``v`` ``[T, R, Hkv, D]``,
-    ``mask [T, R]``; float32 output ``[T, Hq, D]`` and log-sum-exp ``[T, Hq]`` (query head
-    ``h`` reads KV head ``h // (Hq / Hkv)``)."""
-    t, hq, d = q.shape
-    hk = k.shape[2]
-    qf = q.to(torch.float32).reshape(t, hk, hq // hk, d)
-    s = torch.einsum("thgd,trhd->thgr", qf, k.to(torch.float32)) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
-    out = torch.einsum("thgr,trhd->thgd", p, v.to(torch.float32))
-    return out.reshape(t, hq, d), lse.reshape(t, hq)
-
-
-def merge(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> torch.Tensor:
-    """Attention over the union of two disjoint key sets from each one's output and
-    log-sum-exp (``-inf``: no keys)."""
-    m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    wa = torch.exp(lse_a - m)[..., None]
-    wb = torch.exp(lse_b - m)[..., None]
-    return (out_a * wa + out_b * wb) / (wa + wb).clamp(min=1e-30)
-
-
 def attend(
     rw: RecentWindow,
     layer: int,
@@ -466,4 +431,4 @@ def attend_composed(
         )
         out_p[rows] = o
         lse_p[rows] = lse
-    return merge(out_p, lse_p, out_w, lse_w)
+    return merge(out_p, lse_p, out_w, lse_w)[0]

@@ -317,3 +317,31 @@ def test_tensor_parallel_2_gives_the_tokens_of_1(tensor_parallel):
     one, two = tensor_parallel["tp1"], tensor_parallel["tp2"]
     assert one["blocks"] == two["blocks"], (one["blocks"], two["blocks"])
     same_greedy_tokens(one, two)
+
+
+def test_readme_example_runs_as_written():
+    """The README's vLLM block as written (``DIR``: the packaged model), then a greedy
+    continuation from the engine it builds: a 2-bit cache that still knows the answer."""
+    import re
+
+    model = os.environ.get("ROTATEKV_VLLM_MODEL")
+    if not model:
+        pytest.skip("ROTATEKV_VLLM_MODEL not set (make test-vllm sets it)")
+    text = (HERE.parents[1] / "README.md").read_text()
+    start = text.index("## Serving with vLLM")
+    block = re.search(r"```python\n(.*?)```", text[start:], re.S)
+    assert block, "no python block under '## Serving with vLLM'"
+    script = (
+        f"DIR = {model!r}\n{block.group(1)}\n"
+        "from vllm import SamplingParams\n"
+        "out = llm.generate(['The capital of France is'], SamplingParams(max_tokens=8, temperature=0.0))\n"
+        "print('TEXT', repr(out[0].outputs[0].text))\n"
+    )
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop(rkv_vllm.ENV, None)
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=1500, env=env
+    )
+    lines = [x for x in r.stdout.splitlines() if x.startswith("TEXT ")]
+    assert r.returncode == 0 and lines, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Paris" in lines[-1], lines[-1]

@@ -17,6 +17,7 @@ from vllm.forward_context import get_forward_context
 from .. import RotationPlan, paged, recent
 from .._rope import from_config as rope_from_config
 from .._rotatekv import ArgumentError
+from ..engine import recent_tokens
 from . import BLOCK_SIZES, plan_for_heads, rank_heads, settings
 
 log = logging.getLogger("rotatekv.vllm")
@@ -267,7 +268,8 @@ class Layer:
         Layer.cell_bytes = cell
         quantized = self.fmt.key_bits < 16
         self.plan = m.plan if quantized else None
-        residual = s["residual"] if quantized else 0
+        # 16-bit keys need no window (the store's rule, rotatekv.engine).
+        residual = recent_tokens(self.fmt.key_bits, s["residual"])
         if residual > block_size:
             raise ArgumentError(
                 f"residual: at most one block ({block_size} tokens), got {residual}"

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from . import KVStore, QuantConfig, RotationPlan
-from ._rope import unrope
+from .. import KVStore, QuantConfig, RotationPlan
+from .._rope import unrope
 
 HQ, HKV, D = 32, 8, 128
 

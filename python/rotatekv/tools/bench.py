@@ -177,8 +177,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     dtype, threads."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    from . import QuantConfig
-    from . import hf as rk_hf
+    from .. import QuantConfig
+    from .. import hf as rk_hf
     from .models import load
     from .text import load_texts, token_stream
 
@@ -285,7 +285,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "rotatekv.bench", "--child", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "rotatekv.tools.bench", "--child", json.dumps(spec)]
     # Tools installed beside this interpreter (ninja, which optimum-quanto compiles its
     # kernels with) are found even when the virtualenv is not activated.
     env = dict(os.environ)
@@ -559,19 +559,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default=None, help="UTF-8 prompt text (default: Wikipedia)")
     p.add_argument("--context", default="2048", help="prompt length(s), comma list")
     p.add_argument("--batch", default="1,4", help="batch size(s), comma list")
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per run")
     p.add_argument(
         "--prefill-chunk", type=int, default=128, help="prompt tokens per forward (0: all at once)"
     )
-    p.add_argument("--caches", default="fp16,quanto2,quanto4,rotatekv2,rotatekv4")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument(
+        "--caches",
+        default="fp16,quanto2,quanto4,rotatekv2,rotatekv4",
+        help=f"comma list of {CACHES}",
+    )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="model dtype")
     p.add_argument("--memory-budget", default=None, help="e.g. 4GiB: find the largest batch")
     p.add_argument("--verify-tokens", type=int, default=65536, help="largest B*context to verify")
     p.add_argument("--search-runs", type=int, default=4, help="most runs of the capacity search")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="runs per (cache, context, batch)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child run")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write the report as JSON here")
     p.add_argument("--plots", default=None, help="directory for PNG plots")
     p.add_argument(
         "--device", default="cpu", help="cpu, cuda or cuda:N (emu: the kernels' host build)"
@@ -581,10 +585,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"random-weight model from a configuration: {sorted(CONFIGS)} or a config.json",
     )
+    p.add_argument("--quiet", action="store_true", help="no line per run (the table still prints)")
 
 
 def main_args(args: argparse.Namespace) -> int:
-    report = run(args)
+    report = run(args, log=(lambda *a, **k: None) if args.quiet else print)
     print(table(report))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -601,7 +606,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         print(json.dumps(run_one(json.loads(argv[1]))), flush=True)
         return 0
-    p = argparse.ArgumentParser(prog="rotatekv bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="rotatekv bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_args(p)
     return main_args(p.parse_args(argv))
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._config import QuantConfig
-from ._rotatekv import ArgumentError
+from .._config import QuantConfig
+from .._rotatekv import ArgumentError
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,19 @@ import time
 
 import torch
 
+from .. import hf as rh
 from . import eval as ev
-from . import hf as rh
 from . import models, text
 
 DEMO_METHODS = "fp16,kivi2,quarot2,rotatekv2"
 PROMPT = "The history of the printing press begins"
 
 
-def run_model_demo(windows: int = 4, window_len: int = 512, calib_windows: int = 4) -> None:
+def run_model_demo(
+    windows: int = 4, window_len: int = 512, calib_windows: int = 4, progress: bool = True
+) -> None:
+    """Runs the demo; ``progress=False``: no progress bars (the steps and results still
+    print)."""
     t0 = time.perf_counter()
     print(
         "rotatekv demo: SmolLM2-135M-Instruct (packaged GGUF), Wikipedia text from gensim.\n"
@@ -29,7 +33,7 @@ def run_model_demo(windows: int = 4, window_len: int = 512, calib_windows: int =
         "(decode); two continuations, 16-bit and 2-bit. About 8-9 minutes on 2 idle cores.",
         flush=True,
     )
-    model, tok = models.load()
+    model, tok = models.load(progress=progress)
     docs = text.load_texts()
     ev_w, cal_w = text.split_windows(tok, docs, windows, calib_windows, window_len)
     print(
@@ -37,12 +41,14 @@ def run_model_demo(windows: int = 4, window_len: int = 512, calib_windows: int =
         f"windows (disjoint text); torch threads {torch.get_num_threads()}",
         flush=True,
     )
-    from .calibrate import collect
+    from ..calibrate import collect
 
     spec = rh.model_spec(model)
     t1 = time.perf_counter()
-    data = collect(model, cal_w)
-    ours = ev.build(ev.METHODS["rotatekv2"], spec, data, progress=True, model=model, calib=cal_w)
+    data = collect(model, cal_w, progress=progress)
+    ours = ev.build(
+        ev.METHODS["rotatekv2"], spec, data, progress=progress, model=model, calib=cal_w
+    )
     del data
     print(f"calibrated rotatekv2 in {time.perf_counter() - t1:.0f} s", flush=True)
     rows = ev.evaluate(
@@ -52,6 +58,7 @@ def run_model_demo(windows: int = 4, window_len: int = 512, calib_windows: int =
         ["fake", "decode"],
         prebuilt={"rotatekv2": ours},
         batch=min(windows, 8),
+        progress=progress,
     )
     print()
     print(ev.table(rows))

@@ -1,11 +1,12 @@
-"""The prefill's recent-token attention (rotatekv._band) against a dense float64 reference."""
+"""The engine's rules (rotatekv.engine): band attention of a prefill chunk and the log-sum-exp merge
+against a dense float64 reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rotatekv._band import band_attention, merge
+from rotatekv.engine import band_attention, merge
 
 
 def dense(q, k, v, qpos, kpos, kvalid, recent, scale, window, softcap, lag=0):
@@ -96,3 +97,69 @@ def test_inputs_are_left_as_they_are(gen):
     merge(out, lse, *far)
     assert torch.equal(out, o2) and torch.equal(lse, l2)
     assert all(torch.equal(x, y) for x, y in zip(far, f2, strict=True))
+
+
+def _store(bits: int, residual: int, hkv: int = 2, d: int = 16):
+    from rotatekv import KVStore, QuantConfig, RotationPlan
+
+    cfg = QuantConfig(bits=bits, residual=residual, group_size=None)
+    plan = RotationPlan.hadamard(1, hkv, d, mode="post_rope", group_heads=None)
+    return KVStore(1, hkv, d, batch_size=2, config=cfg, plan=plan)
+
+
+@pytest.mark.parametrize("t,recent,window", [(9, 16, None), (23, 8, None), (30, 8, 12)])
+def test_attend_chunk_reads_each_query_recent_keys_in_16_bits(gen, t, recent, window):
+    """A prefill chunk's queries see their newest ``recent`` keys at 16 bits, older ones packed:
+    with the window covering the chunk, a 2-bit store gives fp16 attention; else it lies
+    between, and it equals the composition of the store's own attention and the band."""
+    from rotatekv.engine import Chunk, attend_chunk
+
+    b, hkv, g, d = 2, 2, 2, 16
+    q = torch.randn(b, hkv * g, t, d, generator=gen)
+    k = torch.randn(b, hkv, t, d, generator=gen)
+    v = torch.randn(b, hkv, t, d, generator=gen)
+    pos = torch.arange(t).expand(b, t)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    ch = Chunk(k, v, k, pos)
+    store = _store(2, recent)
+    out = attend_chunk(store, 0, q, ch, query_positions=pos, recent=recent, scale=0.25,
+                       window=window)  # fmt: skip
+    assert store.seq_lens(0) == [t, t] and out.shape == q.shape and out.dtype == q.dtype
+    kh, vh = k.half().float(), v.half().float()
+    fp16, _ = dense(q, kh, vh, pos, pos, valid, window or 10**6, 0.25, None, None)
+    if recent >= t and window is None:
+        torch.testing.assert_close(out.double(), fp16, rtol=1e-4, atol=1e-4)
+        return
+    near = dense(q, kh, vh, pos, pos, valid, recent, 0.25, window, None)
+    # The packed part: the same store's attention at lag `recent`.
+    far = store.attend(0, q, positions=pos, causal=True, scale=0.25, window=window,
+                       lag=recent, return_lse=True)  # fmt: skip
+    want, _ = merge(near[0].float(), near[1].float(), *far)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    # Queries whose whole reach lies in the window read only 16-bit keys.
+    early = slice(0, min(recent, window or recent))
+    torch.testing.assert_close(out[:, :, early].double(), fp16[:, :, early], rtol=1e-4, atol=1e-4)
+
+
+def test_attend_chunk_failure_leaves_store_and_policy_unchanged(gen):
+    """A refused append (a width the store cannot hold) puts the policy's ledgers back and
+    stores nothing."""
+    from rotatekv import RotateKVError
+    from rotatekv.engine import Allocation, Chunk, attend_chunk
+    from rotatekv.policy import Allocator
+
+    store = _store(2, 4)
+    alloc = Allocator("saliency", 6.0, [2], lambda layer, c: store.class_bits(c))
+    b, t, d = 2, 6, 16
+    q = torch.randn(b, 4, t, d, generator=gen)
+    k = torch.randn(b, 2, t, d, generator=gen)
+    pos = torch.arange(t).expand(b, t)
+    ok = Chunk(k, k, k, pos)
+    attend_chunk(store, 0, q, ok, query_positions=pos, recent=4, policy=Allocation(alloc, 0))
+    spent = {i: x.copy() for i, x in alloc.spent.items()}
+    bad = Chunk(k, k[:, :, :-1], k, pos + t)  # values one token short
+    with pytest.raises(RotateKVError, match="v: expected shape"):
+        attend_chunk(store, 0, q, bad, query_positions=pos + t, recent=4,
+                     policy=Allocation(alloc, 0))  # fmt: skip
+    assert store.seq_lens(0) == [t, t]
+    assert all((alloc.spent[i] == spent[i]).all() for i in spent) and set(alloc.spent) == set(spent)

@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 
-from . import QuantConfig, RotationPlan
-from . import hf as rh
-from ._rotatekv import ArgumentError
-from .calibrate import Calibration, LayerData, collect, fit, fit_wider
-from .hf import ModelSpec
+from .. import QuantConfig, RotationPlan
+from .. import hf as rh
+from .._rotatekv import ArgumentError
+from ..calibrate import Calibration, LayerData, collect, fit, fit_wider
+from ..hf.spec import ModelSpec
 from .methods import _REUSE, METHODS, RANK_WINDOWS, Method
 
-# Method names and settings live in rotatekv.methods (no torch); re-exported for callers.
+# Method names and settings live in rotatekv.tools.methods (no torch); re-exported for callers.
 from .methods import DEFAULT_RESIDUAL as DEFAULT_RESIDUAL
 from .methods import WIDER_FRACTION as WIDER_FRACTION
 from .methods import parse_methods as parse_methods
@@ -251,7 +251,7 @@ def plot_channels(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .calibrate import _rotated
+    from ..calibrate import _rotated
 
     out.mkdir(parents=True, exist_ok=True)
     paths = []

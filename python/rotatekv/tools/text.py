@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ._rotatekv import ArgumentError
+from .._rotatekv import ArgumentError
 
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 

@@ -334,7 +334,8 @@ def test_readme_example_runs_as_written():
     script = (
         f"DIR = {model!r}\n{block.group(1)}\n"
         "from vllm import SamplingParams\n"
-        "out = llm.generate(['The capital of France is'], SamplingParams(max_tokens=8, temperature=0.0))\n"
+        "sp = SamplingParams(max_tokens=8, temperature=0.0)\n"
+        "out = llm.generate(['The capital of France is'], sp)\n"
         "print('TEXT', repr(out[0].outputs[0].text))\n"
     )
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")

@@ -305,6 +305,51 @@ def test_layout_choice_follows_the_keys() -> None:
     assert cal.key_layouts == ["per_token", "per_channel"], cal.report
 
 
+def test_choose_layouts_takes_the_lower_loss(monkeypatch, llama_data) -> None:
+    """Per-channel keys everywhere (a fit with clips searched for them) replace the fitted
+    layouts only when the model's loss says so by the margin; the losses are recorded."""
+    m, data = llama_data
+    args = dict(clip="search", key_layout="auto")
+    cal = C.fit(data, rh.model_spec(m), progress=False, **args)
+    assert cal.key_layouts == ["per_token", "per_token"]
+    cfg = QuantConfig(bits=2)
+    for fitted, channel, want in [(3.0, 2.0, "per_channel"), (3.0, 2.995, "fitted")]:
+        seen = []
+
+        def nll(model, c, windows, config, fitted=fitted, channel=channel, seen=seen):
+            seen.append(c)
+            return channel if c.key_layouts == ["per_channel"] * 2 else fitted
+
+        monkeypatch.setattr(C, "_nll", nll)
+        got = C.choose_layouts(m, cal, data, ids(1, 40), cfg, **args)
+        assert got.settings["layout_nll"] == {"fitted": fitted, "per_channel": channel,
+                                              "chosen": want}  # fmt: skip
+        assert seen[0] is cal and seen[1].key_layouts == ["per_channel"] * 2
+        if want == "fitted":
+            assert got.plan is cal.plan and got.key_layouts == cal.key_layouts
+        else:
+            # The per-channel candidate's own fit: clips searched with per-channel keys.
+            assert got.plan is seen[1].plan and got.key_layouts == ["per_channel"] * 2
+            assert [e["key_layout"] for e in got.report] == ["per_channel"] * 2
+    assert cal.key_layouts == ["per_token", "per_token"] and "layout_nll" not in cal.settings
+
+
+def test_gemma3_calibration_takes_per_channel_keys() -> None:
+    """Gemma 3 270M (real weights): its QK-normed keys carry most of their energy in a
+    constant offset, which per-token groups cannot hold at 2 bits. The per-layer proxy keeps
+    some layers per-token; the measured loss takes per-channel keys everywhere."""
+    pytest.importorskip("gguf")
+    from rotatekv.tools import models, text
+
+    model, tok = models.load("gemma3-270m", progress=False)
+    _, calib = text.split_windows(tok, text.load_texts(), 0, 4, 512)
+    # rotatekv2's fit (clips searched per layer), without its wider layers.
+    cal = C.calibrate(model, calib, bits=2, clip="search", key_layout="auto", progress=False)
+    nll = cal.settings["layout_nll"]
+    assert cal.key_layouts == ["per_channel"] * 18, nll
+    assert nll["chosen"] == "per_channel" and nll["per_channel"] < nll["fitted"] - 0.05, nll
+
+
 def test_wider_layers_reach_the_stores_and_the_file(tmp_path, llama_data) -> None:
     """Layers calibration stores at a wider width: their plan entries come from the wider
     fit, their tokens are appended at that width, and the choice survives save/load."""
@@ -425,6 +470,11 @@ def test_calibrate_cli_on_the_default_model(tmp_path, capsys) -> None:
     cal = C.Calibration.load(out, model)
     assert cal.layer_bits is not None and cal.layer_bits.count(3) == 13
     assert cal.layer_bits.count(2) == 17
+    # key_layout="auto" measured the fitted layouts against per-channel keys everywhere.
+    nll = cal.settings["layout_nll"]
+    every = nll["per_channel"] < nll["fitted"] - C.LAYOUT_NLL_MARGIN
+    assert nll["chosen"] == ("per_channel" if every else "fitted"), nll
+    assert (cal.key_layouts == ["per_channel"] * 30) == every, nll
     # The file stands in for rotatekv2's fit in `rotatekv eval`, with the policies on top.
     js = tmp_path / "e.json"
     argv = ["eval", "--windows", "1", "--window-len", "64", "--calib-windows", "2"]

@@ -473,9 +473,11 @@ def calibrate(
     data = collect(model, windows, n_queries=n_queries, progress=progress)
     spec = model_spec(model)
     cal = fit(data, spec, progress=progress, **fit_args)
-    if wider_fraction <= 0:
-        return cal
     cfg = config or QuantConfig(bits=bits, residual=32)
+    if wider_fraction <= 0:
+        if fit_args.get("key_layout") == "auto":
+            cal = choose_layouts(model, cal, data, windows[:rank_windows], cfg, **fit_args)
+        return cal
     return fit_wider(
         model, cal, data, windows[:rank_windows], cfg, wider_fraction, progress, **fit_args
     )
@@ -493,9 +495,85 @@ def fit_wider(
 ) -> Calibration:
     """``cal`` (a :func:`fit` with ``fit_args``) with a ``fraction`` of its layers at one
     more bit: a second fit at that width, then :func:`promote` ranked on ``windows``."""
+    if fit_args.get("key_layout") == "auto":
+        cal = choose_layouts(model, cal, data, windows, config, progress, **fit_args)
+        if cal.settings["layout_nll"]["chosen"] == "per_channel":
+            # The wider layers' clips are searched for the layout they will be stored in.
+            fit_args = {**fit_args, "key_layout": "per_channel"}
     bits = int(cal.settings["bits"]) + 1
     wider = fit(data, model_spec(model), progress=progress, **{**fit_args, "bits": bits})
     return promote(model, cal, wider, windows, config, fraction, progress)
+
+
+# Nats per token per-channel keys must gain over the fitted layouts to be taken everywhere
+# (about 5% perplexity): they cost about half a bit per element more (a block's tokens stay
+# 16-bit until it fills). Measured on rotatekv2's ranking windows: Gemma 3 270M gains 0.117
+# (taken: +4.6% instead of +241% perplexity), SmolLM2 0.032 (not worth the bits).
+LAYOUT_NLL_MARGIN = 0.05
+
+
+def choose_layouts(
+    model: torch.nn.Module,
+    cal: Calibration,
+    data: Sequence[LayerData],
+    windows: torch.Tensor,
+    config: QuantConfig,
+    progress: bool = False,
+    **fit_args: Any,
+) -> Calibration:
+    """``cal`` (a :func:`fit` with ``key_layout="auto"`` and ``fit_args``) or a fit with
+    every layer's keys per-channel (clips searched for that layout), whichever gives
+    ``windows`` the lower negative log-likelihood (two forwards); per-channel only by at
+    least :data:`LAYOUT_NLL_MARGIN`. ``settings["layout_nll"]`` records both and the choice.
+
+    The per-layer choice of :func:`fit` compares attention errors on the calibration
+    queries, which misjudges keys dominated by a constant offset (Gemma 3's QK-normed keys:
+    55-88% of their energy in the mean). Per-token groups spend their range on the offset
+    there, and a few per-token layers among per-channel ones are enough to lose (Gemma 3
+    270M: +222% perplexity with the per-layer choice, +17% with every layer per-channel);
+    the model's own loss tells the two apart."""
+    layers = cal.plan.num_layers
+    if cal.key_layouts == ["per_channel"] * layers:
+        return cal
+    args = {**fit_args, "key_layout": "per_channel"}
+    every = fit(data, model_spec(model), progress=progress, **args)
+    fitted, channel = _nll(model, cal, windows, config), _nll(model, every, windows, config)
+    pick = every if channel < fitted - LAYOUT_NLL_MARGIN else cal
+    chosen = "per_channel" if pick is every else "fitted"
+    out = Calibration(
+        pick.plan,
+        pick.sink_thresholds,
+        {
+            **pick.settings,
+            "key_layout": "auto",
+            "layout_nll": {
+                "fitted": round(fitted, 6),
+                "per_channel": round(channel, 6),
+                "chosen": chosen,
+            },
+        },
+        pick.report,
+        pick.key_layouts,
+        pick.layer_bits,
+    )
+    return out
+
+
+def _nll(
+    model: torch.nn.Module, cal: Calibration, windows: torch.Tensor, config: QuantConfig
+) -> float:
+    """Negative log-likelihood per token of ``windows`` with ``model``'s cache stored as
+    ``cal`` and ``config`` say (one forward, every token attending to the quantized cache)."""
+    from . import hf as rh
+
+    rh.enable(model, cal, config)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=windows, cache=rh.new_cache(model)).logits
+    finally:
+        rh.disable(model)
+    lp = torch.log_softmax(logits[:, :-1].float(), -1)
+    return -float(lp.gather(-1, windows[:, 1:, None]).mean())
 
 
 def with_layer_bits(cal: Calibration, wider: Calibration, layers: Sequence[int]) -> Calibration:
@@ -547,17 +625,9 @@ def rank_layers(
     """Layers ranked by how much storing that layer alone at ``wider``'s width lowers the
     negative log-likelihood of ``windows`` (one forward each, all tokens attending to the
     quantized cache): ``[(layer, gain in nats per token)]``, largest gain first."""
-    from . import hf as rh
 
     def nll(c: Calibration) -> float:
-        rh.enable(model, c, config)
-        try:
-            with torch.no_grad():
-                logits = model(input_ids=windows, cache=rh.new_cache(model)).logits
-        finally:
-            rh.disable(model)
-        lp = torch.log_softmax(logits[:, :-1].float(), -1)
-        return -float(lp.gather(-1, windows[:, 1:, None]).mean())
+        return _nll(model, c, windows, config)
 
     # -1 is the baseline (no layer wider), in the same progress bar as the layers.
     it: Any = range(-1, cal.plan.num_layers)
@@ -608,6 +678,7 @@ __all__ = [
     "Calibration",
     "LayerData",
     "calibrate",
+    "choose_layouts",
     "collect",
     "fake_quant",
     "fit",

@@ -555,7 +555,9 @@ def plots(report: dict[str, Any], out_dir: str) -> list[str]:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="GGUF file or transformers directory")
+    p.add_argument(
+        "--model", default=None, help="smollm2 (default), gemma3-270m, a GGUF file or a directory"
+    )
     p.add_argument("--text", default=None, help="UTF-8 prompt text (default: Wikipedia)")
     p.add_argument("--context", default="2048", help="prompt length(s), comma list")
     p.add_argument("--batch", default="1,4", help="batch size(s), comma list")

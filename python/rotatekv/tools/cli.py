@@ -23,7 +23,12 @@ class UsageError(SystemExit):
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="GGUF file or transformers directory")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="smollm2 (the default), gemma3-270m (packaged), a GGUF file or a transformers "
+        "directory",
+    )
     p.add_argument("--text", default=None, help="UTF-8 text file (default: Wikipedia)")
     p.add_argument("--windows", type=int, default=16, help="evaluation windows")
     p.add_argument("--window-len", type=int, default=512, help="tokens per window")
@@ -195,7 +200,12 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         parents=[common],
     )
-    cal.add_argument("--model", default=None, help="GGUF file or transformers directory")
+    cal.add_argument(
+        "--model",
+        default=None,
+        help="smollm2 (the default), gemma3-270m (packaged), a GGUF file or a transformers "
+        "directory",
+    )
     cal.add_argument("--text", default=None, help="UTF-8 text file (default: Wikipedia)")
     cal.add_argument("--windows", type=int, default=8, help="calibration windows")
     cal.add_argument("--window-len", type=int, default=512, help="tokens per window")

@@ -26,7 +26,7 @@ import torch
 from .. import QuantConfig, RotationPlan
 from .. import hf as rh
 from .._rotatekv import ArgumentError
-from ..calibrate import Calibration, LayerData, collect, fit, fit_wider
+from ..calibrate import Calibration, LayerData, choose_layouts, collect, fit, fit_wider
 from ..hf.spec import ModelSpec
 from .methods import _REUSE, METHODS, RANK_WINDOWS, Method
 
@@ -68,6 +68,9 @@ def build(
     cal = fit(data, spec, progress=progress, **fit_args(method))
     wide = method.plan.get("wider")
     if wide is None:
+        if method.plan.get("key_layout") == "auto" and model is not None and calib is not None:
+            args = fit_args(method)
+            cal = choose_layouts(model, cal, data, calib[:RANK_WINDOWS], cfg, progress, **args)
         return cal, cfg
     if model is None or calib is None:
         raise ArgumentError(f"methods: {method.name} needs the model and calibration windows")
@@ -155,7 +158,12 @@ def evaluate(
         else:
             plan, cfg = build(meth, spec, data, progress=progress, model=model, calib=calib)
             if progress and data is not None and isinstance(meth.plan, dict):
-                log(f"fitted {name} in {time.perf_counter() - t0:.1f} s")
+                how = ""
+                if isinstance(plan, Calibration) and "layout_nll" in plan.settings:
+                    nll = plan.settings["layout_nll"]
+                    how = (f" (keys: {nll['chosen']}; loss {nll['fitted']:.3f} fitted, "
+                           f"{nll['per_channel']:.3f} per-channel)")  # fmt: skip
+                log(f"fitted {name} in {time.perf_counter() - t0:.1f} s{how}")
         built[name] = (plan, cfg, time.perf_counter() - t0)
     order = ["fp16"] + [m for m in methods if m != "fp16"]
     rows = []

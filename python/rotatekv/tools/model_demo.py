@@ -30,7 +30,7 @@ def run_model_demo(
         f"Steps: load the model (the first run converts the GGUF once, ~1 min); calibrate "
         f"rotatekv2 on {calib_windows} windows; perplexity of {DEMO_METHODS} on {windows} "
         f"windows of {window_len} tokens, one forward per window (fake) and token by token "
-        "(decode); two continuations, 16-bit and 2-bit. About 8-9 minutes on 2 idle cores.",
+        "(decode); two continuations, 16-bit and 2-bit. About 9-10 minutes on 2 idle cores.",
         flush=True,
     )
     model, tok = models.load(progress=progress)

@@ -101,6 +101,20 @@ def load(
     return m, tok
 
 
+# The packaged models by name (``--model smollm2``, ``--model gemma3-270m``).
+PACKAGED = ("smollm2", "gemma3-270m")
+
+
+def packaged(name: str | os.PathLike[str] | None) -> Path:
+    """The GGUF file of a packaged model: ``None`` or ``"smollm2"`` (SmolLM2-135M-Instruct,
+    the default), ``"gemma3-270m"`` (Gemma 3 270M)."""
+    if name is None or str(name) == "smollm2":
+        return default_model_path()
+    if str(name) == "gemma3-270m":
+        return gemma3_path()
+    raise ArgumentError(f"model: expected one of {PACKAGED}, got {name!r}")
+
+
 def content_key(path: Path) -> str:
     """A key for a model file's converted copy: its size and a hash of its first and last
     MiB (GGUF headers name the tensors and their offsets), so that every virtualenv and
@@ -120,7 +134,7 @@ def model_dir(model: str | os.PathLike[str] | None = None) -> Path:
     as vLLM load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(model) if model is not None else default_model_path()
+    path = packaged(model) if model is None or str(model) in PACKAGED else Path(model)
     if not path.exists():
         raise ArgumentError(
             f"model: {str(path)!r} not found (expected a GGUF file or a model directory)"

@@ -23,13 +23,6 @@ class UsageError(SystemExit):
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=None,
-        help="smollm2 (the default), gemma3-270m (packaged), a GGUF file or a transformers "
-        "directory",
-    )
-    p.add_argument("--text", default=None, help="UTF-8 text file (default: Wikipedia)")
     p.add_argument("--windows", type=int, default=16, help="evaluation windows")
     p.add_argument("--window-len", type=int, default=512, help="tokens per window")
     p.add_argument("--calib-windows", type=int, default=8, help="calibration windows")
@@ -168,6 +161,15 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--quiet", action="store_true", help="no progress bars (results still print)"
     )
+    # The model and text every model command reads.
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument(
+        "--model",
+        default=None,
+        help="smollm2 (the default), gemma3-270m (packaged), a GGUF file or a transformers "
+        "directory",
+    )
+    data.add_argument("--text", default=None, help="UTF-8 text file (default: Wikipedia)")
     parser = argparse.ArgumentParser(
         prog="rotatekv", description=__doc__.split("\n\n")[0], formatter_class=fmt
     )
@@ -191,22 +193,15 @@ def _parser() -> argparse.ArgumentParser:
         "eval",
         help="perplexity of KV-cache methods on a model",
         formatter_class=fmt,
-        parents=[common],
+        parents=[common, data],
     )
     _add_eval_args(ev)
     cal = sub.add_parser(
         "calibrate",
         help="fit a rotation plan and sink rule to a model",
         formatter_class=fmt,
-        parents=[common],
+        parents=[common, data],
     )
-    cal.add_argument(
-        "--model",
-        default=None,
-        help="smollm2 (the default), gemma3-270m (packaged), a GGUF file or a transformers "
-        "directory",
-    )
-    cal.add_argument("--text", default=None, help="UTF-8 text file (default: Wikipedia)")
     cal.add_argument("--windows", type=int, default=8, help="calibration windows")
     cal.add_argument("--window-len", type=int, default=512, help="tokens per window")
     cal.add_argument("--bits", type=int, default=2, help="bits of the quantized tokens")
